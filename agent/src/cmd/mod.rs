@@ -1,0 +1,52 @@
+//! One file per subcommand, each parsing and applying itself.
+
+pub mod backup;
+pub mod config;
+pub mod keygen;
+pub mod list;
+
+use std::path::Path;
+
+use anyhow::Context;
+use dr_core::config::{Config, ConfigError, DEFAULT_CONFIG_PATH};
+use dr_core::repo::Repository;
+
+/// Loads the config, with a hint when the default path simply does not exist.
+pub fn load_config(path: &Path) -> anyhow::Result<Config> {
+    match Config::load(path) {
+        Err(ConfigError::Read { source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound =>
+        {
+            let hint = if path == Path::new(DEFAULT_CONFIG_PATH) {
+                " (pass --config FILE or set DR_CONFIG)"
+            } else {
+                ""
+            };
+            anyhow::bail!("config file {} does not exist{hint}", path.display())
+        }
+        other => Ok(other?),
+    }
+}
+
+pub async fn open_repo(config: &Config) -> anyhow::Result<Repository> {
+    let storage = dr_core::storage::open(&config.storage)
+        .await
+        .with_context(|| format!("cannot open the repository {}", config.storage.url))?;
+    Ok(Repository::new(storage, config.environment.as_str()))
+}
+
+/// Human sizes: `1.2 GiB`.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}

@@ -1,0 +1,91 @@
+//! `dr`: encrypted, verified PostgreSQL backups and restore drills.
+//!
+//! This crate owns the command line; each subcommand lives in `cmd/` and parses and applies
+//! itself. The work itself is in the library crates (`dr-core`, `dr-restore`, `dr-drills`).
+
+mod cmd;
+mod logging;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "dr",
+    version,
+    about = "Encrypted, verified PostgreSQL backups and restore drills",
+    long_about = "dr streams pg_dump through zstd and age encryption to S3 or a local directory, \
+keeps daily and monthly backups by retention, tracks RPO, and proves backups restore.\n\n\
+Start with `dr keygen`, write /etc/dr/agent.toml (see the README), then `dr config check` \
+and `dr backup`. Incident responders: `dr list`, then `dr restore`.",
+    propagate_version = true
+)]
+struct Cli {
+    /// Configuration file.
+    #[arg(long, short = 'c', global = true, env = "DR_CONFIG", default_value = dr_core::config::DEFAULT_CONFIG_PATH)]
+    config: PathBuf,
+
+    /// Log format on stderr: `auto` is human on a terminal and JSON otherwise.
+    #[arg(long, global = true, value_enum, env = "DR_LOG_FORMAT", default_value = "auto")]
+    log_format: logging::Format,
+
+    /// More detail in logs (repeat for more); RUST_LOG overrides.
+    #[arg(long, short = 'v', global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    Backup(cmd::backup::Args),
+    List(cmd::list::Args),
+    Keygen(cmd::keygen::Args),
+    /// Validate the configuration and show the schedules it sets.
+    #[command(subcommand)]
+    Config(cmd::config::Command),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logging::init(cli.log_format, cli.verbose);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Backup(args) => args.run(&cli.config).await,
+            Command::List(args) => args.run(&cli.config).await,
+            Command::Keygen(args) => args.run(),
+            Command::Config(c) => c.run(&cli.config),
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            print_error(&e);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// One line per cause, skipping causes whose text the previous lines already said.
+fn print_error(e: &anyhow::Error) {
+    let mut said = String::new();
+    for (i, cause) in e.chain().enumerate() {
+        let text = dr_core::redact::redact_urls(&cause.to_string());
+        if said.contains(&text) {
+            continue;
+        }
+        if i == 0 {
+            eprintln!("error: {text}");
+        } else {
+            eprintln!("  caused by: {text}");
+        }
+        said.push_str(&text);
+    }
+}

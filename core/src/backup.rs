@@ -1,0 +1,211 @@
+//! One backup of one database, end to end: find matching client tools, stream the database
+//! and its cluster's globals through the pipeline, then write the manifest last.
+//!
+//! Used by `dr backup` and by the agent's schedules alike.
+
+use std::time::Instant;
+
+use jiff::Timestamp;
+
+use crate::config::{Config, DatabaseConfig};
+use crate::manifest::{
+    BackupId, Compression, Encryption, Manifest, ObjectEntry, ObjectRole, FORMAT_VERSION,
+};
+use crate::pg::{Connection, PgError, PgTools, ServerVersion};
+use crate::pipeline::child::ChildError;
+use crate::pipeline::encode::EncodeOptions;
+use crate::pipeline::{self, PipelineError, Stored};
+use crate::repo::{Repository, DATA_OBJECT, GLOBALS_OBJECT};
+use crate::storage::StorageError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    #[error("no encryption recipients are configured: set [encryption] recipients or recipients_file (dr never stores a backup unencrypted; `dr keygen` makes a key)")]
+    NoRecipients,
+    #[error(transparent)]
+    Keys(#[from] crate::keys::KeyError),
+    #[error(transparent)]
+    Pg(#[from] PgError),
+    #[error("dumping {what}: {source}")]
+    Pipeline {
+        what: &'static str,
+        source: PipelineError,
+    },
+    #[error("writing the manifest: {0}")]
+    Commit(StorageError),
+}
+
+/// Runs one backup of `db` tagged with `classes`; returns its committed manifest.
+pub async fn run(
+    repo: &Repository,
+    config: &Config,
+    db: &DatabaseConfig,
+    classes: Vec<String>,
+) -> Result<Manifest, BackupError> {
+    let recipients = config.recipients()?;
+    if recipients.is_empty() {
+        return Err(BackupError::NoRecipients);
+    }
+    let conn = Connection::new(&db.url, db.password_file.as_deref())?;
+    let (tools, server) = {
+        let conn = conn.clone();
+        tokio::task::spawn_blocking(move || choose_tools(&conn))
+            .await
+            .expect("tool discovery panicked")?
+    };
+    let opts = EncodeOptions {
+        level: config.compression.level,
+        threads: config.compression.threads,
+    };
+    let database = db.name.as_str();
+    let started_at = Timestamp::now();
+    let clock = Instant::now();
+    let id = BackupId::new(started_at);
+    tracing::info!(
+        backup = %id, database, url = %conn.url, server = %server.text,
+        pg_dump = %tools.version, storage = %repo.storage().location(),
+        "backup started"
+    );
+
+    let storage = repo.storage();
+    let data_key = repo.object_key(database, &id, DATA_OBJECT);
+    let data = pipeline::encrypt_to_storage(
+        conn.spawn_pg_dump(&tools)?,
+        pipeline::PG_DUMP_CUSTOM,
+        storage,
+        &data_key,
+        &recipients,
+        opts,
+    )
+    .await
+    .map_err(|source| BackupError::Pipeline {
+        what: "the database with pg_dump",
+        source,
+    })?;
+
+    let globals_key = repo.object_key(database, &id, GLOBALS_OBJECT);
+    let globals = match dump_globals(&conn, &tools, repo, &globals_key, &recipients, opts).await {
+        Ok(g) => g,
+        Err(e) => {
+            discard(repo, &[&data_key]).await;
+            return Err(e);
+        }
+    };
+
+    let manifest = Manifest {
+        format: FORMAT_VERSION,
+        id,
+        environment: repo.environment().to_string(),
+        database: database.to_string(),
+        classes,
+        started_at,
+        finished_at: Timestamp::now(),
+        server_version: server.text.clone(),
+        server_version_num: server.num,
+        pg_dump_version: tools.version.clone(),
+        dr_version: env!("CARGO_PKG_VERSION").to_string(),
+        compression: Compression {
+            algorithm: "zstd".into(),
+            level: opts.level,
+        },
+        encryption: Encryption {
+            algorithm: "age".into(),
+            recipients: recipients.to_strings(),
+        },
+        objects: vec![
+            entry(ObjectRole::Data, DATA_OBJECT, "pg_dump-custom", &data, false),
+            entry(
+                ObjectRole::Globals,
+                GLOBALS_OBJECT,
+                "sql",
+                &globals.0,
+                globals.1,
+            ),
+        ],
+    };
+    if let Err(e) = repo.commit(&manifest).await {
+        discard(repo, &[&data_key, &globals_key]).await;
+        return Err(BackupError::Commit(e));
+    }
+    let secs = clock.elapsed().as_secs_f64();
+    tracing::info!(
+        backup = %manifest.id,
+        database,
+        classes = ?manifest.classes,
+        raw_bytes = data.raw_bytes,
+        stored_bytes = data.stored_bytes,
+        ratio = format!("{:.2}", data.raw_bytes as f64 / data.stored_bytes.max(1) as f64),
+        seconds = format!("{secs:.1}"),
+        "backup complete"
+    );
+    Ok(manifest)
+}
+
+/// Asks the server its version with the newest local `psql`, then picks the `pg_dump`.
+fn choose_tools(conn: &Connection) -> Result<(PgTools, ServerVersion), PgError> {
+    let found = PgTools::discover();
+    let server = conn.server_version(PgTools::newest(&found)?)?;
+    let tools = PgTools::for_server(&found, &server)?;
+    Ok((tools, server))
+}
+
+/// Dumps roles and tablespaces; on managed services that hide `pg_authid`, retries without
+/// role passwords and records that in the manifest.
+async fn dump_globals(
+    conn: &Connection,
+    tools: &PgTools,
+    repo: &Repository,
+    key: &str,
+    recipients: &crate::keys::Recipients,
+    opts: EncodeOptions,
+) -> Result<(Stored, bool), BackupError> {
+    let attempt = |role_passwords: bool| async move {
+        let source = conn.spawn_pg_dumpall_globals(tools, role_passwords)?;
+        pipeline::encrypt_to_storage(source, pipeline::SQL, repo.storage(), key, recipients, opts)
+            .await
+            .map_err(|source| BackupError::Pipeline {
+                what: "the cluster's roles with pg_dumpall --globals-only",
+                source,
+            })
+    };
+    match attempt(true).await {
+        Ok(stored) => Ok((stored, false)),
+        Err(BackupError::Pipeline {
+            source: PipelineError::Source(ChildError::Failed { stderr, .. }),
+            ..
+        }) if stderr.contains("permission denied") => {
+            tracing::warn!(
+                "cannot read role passwords (pg_authid) on this server; dumping roles without passwords"
+            );
+            Ok((attempt(false).await?, true))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn entry(
+    role: ObjectRole,
+    name: &str,
+    format: &str,
+    stored: &Stored,
+    without_role_passwords: bool,
+) -> ObjectEntry {
+    ObjectEntry {
+        role,
+        name: name.to_string(),
+        format: format.to_string(),
+        raw_bytes: stored.raw_bytes,
+        stored_bytes: stored.stored_bytes,
+        sha256: stored.sha256.clone(),
+        without_role_passwords,
+    }
+}
+
+/// Removes objects of a backup that will never get a manifest.
+async fn discard(repo: &Repository, keys: &[&str]) {
+    for key in keys {
+        if let Err(e) = repo.storage().delete(key).await {
+            tracing::warn!(key, error = %e, "could not remove an object of the failed backup; prune removes it later");
+        }
+    }
+}

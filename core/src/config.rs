@@ -1,0 +1,518 @@
+//! Configuration: parsed once from TOML into typed, validated structs.
+//!
+//! Every value that can be wrong (durations, cron expressions, URLs, recipients) has its own
+//! type that validates while deserializing, so an error carries the line it came from and
+//! nothing downstream re-parses strings.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use jiff::{Span, Timestamp, Zoned};
+use serde::Deserialize;
+
+use crate::keys::Recipients;
+use crate::pg::ConnUrl;
+use crate::storage::StorageUrl;
+
+/// Where `dr` looks for its configuration when neither `--config` nor `DR_CONFIG` is given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/dr/agent.toml";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}, line {line}: {message}")]
+    Parse {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
+    #[error("config file {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Names this deployment in the repository layout (`<prefix>/<environment>/...`).
+    pub environment: Name,
+    pub storage: StorageConfig,
+    pub encryption: EncryptionConfig,
+    #[serde(default)]
+    pub compression: CompressionConfig,
+    #[serde(default)]
+    pub agent: AgentConfig,
+    #[serde(default)]
+    pub databases: Vec<DatabaseConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    pub url: StorageUrl,
+    /// Custom S3 endpoint (MinIO, Garage, Ceph RGW, R2, ...).
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    #[serde(default)]
+    pub path_style: bool,
+    /// Multipart part size in MiB; S3 requires at least 5.
+    #[serde(default = "default_part_size_mib")]
+    pub part_size_mib: usize,
+    /// Parts uploaded concurrently; memory is about `part_size × (max_in_flight + 2)`.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: usize,
+}
+
+fn default_part_size_mib() -> usize {
+    16
+}
+fn default_max_in_flight() -> usize {
+    2
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EncryptionConfig {
+    #[serde(default)]
+    pub recipients: Vec<String>,
+    pub recipients_file: Option<PathBuf>,
+    /// Only needed where restores and drills run; the backup host holds public keys only.
+    pub identity_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompressionConfig {
+    #[serde(default = "default_level")]
+    pub level: i32,
+    /// zstd worker threads; 0 means one per core.
+    #[serde(default)]
+    pub threads: u32,
+}
+
+fn default_level() -> i32 {
+    3
+}
+
+impl Default for CompressionConfig {
+    fn default() -> Self {
+        Self {
+            level: default_level(),
+            threads: 0,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// IANA time zone the cron schedules are read in.
+    #[serde(default = "default_timezone")]
+    pub timezone: TimeZone,
+}
+
+fn default_timezone() -> TimeZone {
+    TimeZone(jiff::tz::TimeZone::UTC, "UTC".into())
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            timezone: default_timezone(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    pub name: Name,
+    pub url: ConnUrl,
+    /// A file holding the password; it must not be world-readable.
+    pub password_file: Option<PathBuf>,
+    pub rpo: Option<Duration>,
+    pub rto: Option<Duration>,
+    #[serde(default)]
+    pub schedules: Vec<ScheduleConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleConfig {
+    pub class: Name,
+    pub cron: CronExpr,
+    pub keep: Duration,
+}
+
+impl Config {
+    /// Reads, parses and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses `text`; `path` only names the source in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| {
+            let line = e
+                .span()
+                .map(|s| text[..s.start.min(text.len())].lines().count().max(1))
+                .unwrap_or(1);
+            // The TOML snippet is left out on purpose: the line may hold a password.
+            let line = if e.span().is_some_and(|s| text[..s.start].ends_with('\n')) {
+                line + 1
+            } else {
+                line
+            };
+            ConfigError::Parse {
+                path: path.to_owned(),
+                line,
+                message: e.message().trim().to_string(),
+            }
+        })?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            message,
+        };
+        if self.encryption.recipients_file.is_some() && !self.encryption.recipients.is_empty() {
+            return Err(invalid(
+                "[encryption] sets both `recipients` and `recipients_file`; keep one".into(),
+            ));
+        }
+        if !(1..=22).contains(&self.compression.level) {
+            return Err(invalid(format!(
+                "[compression] level = {} is out of range; zstd levels are 1 to 22 (3 is a good default)",
+                self.compression.level
+            )));
+        }
+        if self.storage.part_size_mib < 5 || self.storage.part_size_mib > 5 * 1024 {
+            return Err(invalid(format!(
+                "[storage] part_size_mib = {} is out of range; S3 parts are 5 MiB to 5 GiB",
+                self.storage.part_size_mib
+            )));
+        }
+        if !(1..=64).contains(&self.storage.max_in_flight) {
+            return Err(invalid(format!(
+                "[storage] max_in_flight = {} is out of range (1 to 64)",
+                self.storage.max_in_flight
+            )));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for db in &self.databases {
+            if !seen.insert(db.name.as_str()) {
+                return Err(invalid(format!(
+                    "database `{}` is configured twice; names must be unique",
+                    db.name
+                )));
+            }
+            let mut classes = std::collections::BTreeSet::new();
+            for s in &db.schedules {
+                if !classes.insert(s.class.as_str()) {
+                    return Err(invalid(format!(
+                        "database `{}` has two schedules of class `{}`; give each class one schedule",
+                        db.name, s.class
+                    )));
+                }
+            }
+        }
+        // Recipients are parsed now so a typo fails at load, not at 3 a.m.
+        self.recipients()
+            .map_err(|e| invalid(format!("[encryption] {e}")))?;
+        Ok(())
+    }
+
+    /// The age recipients backups are encrypted to (possibly empty: backup refuses that).
+    pub fn recipients(&self) -> Result<Recipients, crate::keys::KeyError> {
+        match &self.encryption.recipients_file {
+            Some(file) => Recipients::from_file(file),
+            None => Recipients::parse_all(
+                self.encryption.recipients.iter().map(String::as_str),
+                "recipients",
+            ),
+        }
+    }
+
+    pub fn database(&self, name: &str) -> Option<&DatabaseConfig> {
+        self.databases.iter().find(|d| d.name.as_str() == name)
+    }
+}
+
+impl DatabaseConfig {
+    /// The backup classes this database's schedules produce.
+    pub fn classes(&self) -> impl Iterator<Item = &str> {
+        self.schedules.iter().map(|s| s.class.as_str())
+    }
+}
+
+/// A name used as a path segment in the repository: environment, database or class.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+#[serde(try_from = "String")]
+pub struct Name(String);
+
+impl Name {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for Name {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        let ok = !s.is_empty()
+            && s.len() <= 63
+            && s != "."
+            && s != ".."
+            && s
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if ok {
+            Ok(Name(s))
+        } else {
+            Err(format!(
+                "invalid name `{s}`: use 1 to 63 characters from letters, digits, `-`, `_` and `.`"
+            ))
+        }
+    }
+}
+
+impl FromStr for Name {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Name::try_from(s.to_string())
+    }
+}
+
+impl fmt::Display for Name {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A calendar-aware duration such as `26h`, `30d` or `7y`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(try_from = "String")]
+pub struct Duration {
+    span: Span,
+    text: String,
+}
+
+impl Duration {
+    pub fn span(&self) -> Span {
+        self.span
+    }
+
+    /// The instant this duration before `now` (calendar arithmetic in UTC for months and years).
+    pub fn before(&self, now: Timestamp) -> Timestamp {
+        let zoned = now.to_zoned(jiff::tz::TimeZone::UTC);
+        zoned
+            .checked_sub(self.span)
+            .map(|z| z.timestamp())
+            .unwrap_or(Timestamp::MIN)
+    }
+
+    /// Length in seconds, measured back from `now` (so `1y` respects leap years).
+    pub fn seconds_at(&self, now: Timestamp) -> i64 {
+        now.as_second() - self.before(now).as_second()
+    }
+}
+
+impl TryFrom<String> for Duration {
+    type Error = String;
+    fn try_from(text: String) -> Result<Self, String> {
+        let span: Span = text.trim().parse().map_err(|_| {
+            format!("invalid duration `{text}`: write it like `26h`, `30d`, `7y` or `1h 30m`")
+        })?;
+        if span.is_negative() || span.is_zero() {
+            return Err(format!("invalid duration `{text}`: it must be positive"));
+        }
+        Ok(Duration { span, text })
+    }
+}
+
+impl fmt::Display for Duration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+/// A cron expression: standard 5 fields (an optional leading seconds field is accepted for
+/// tests), or `@daily`, `@weekly`, `@monthly`, `@yearly`, `@hourly`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(try_from = "String")]
+pub struct CronExpr {
+    cron: croner::Cron,
+    text: String,
+}
+
+impl CronExpr {
+    /// The next `n` times this schedule fires strictly after `after`, in `tz`.
+    pub fn next_runs(&self, after: &Zoned, n: usize) -> Vec<Zoned> {
+        self.cron.iter_after(after.clone()).take(n).collect()
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+}
+
+impl TryFrom<String> for CronExpr {
+    type Error = String;
+    fn try_from(text: String) -> Result<Self, String> {
+        let fields = text.split_whitespace().count();
+        let nickname = text.trim_start().starts_with('@');
+        if !nickname && !(5..=6).contains(&fields) {
+            return Err(format!(
+                "invalid cron expression `{text}`: expected 5 fields (minute hour day-of-month month day-of-week), found {fields}"
+            ));
+        }
+        let cron = croner::parser::CronParser::new()
+            .parse(&text)
+            .map_err(|e| format!("invalid cron expression `{text}`: {e}"))?;
+        Ok(CronExpr { cron, text })
+    }
+}
+
+/// An IANA time zone name such as `UTC` or `Europe/Paris`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(try_from = "String")]
+pub struct TimeZone(pub jiff::tz::TimeZone, String);
+
+impl TimeZone {
+    pub fn name(&self) -> &str {
+        &self.1
+    }
+}
+
+impl TryFrom<String> for TimeZone {
+    type Error = String;
+    fn try_from(name: String) -> Result<Self, String> {
+        jiff::tz::TimeZone::get(&name)
+            .map(|tz| TimeZone(tz, name.clone()))
+            .map_err(|_| format!("unknown time zone `{name}`: use an IANA name like `UTC` or `Europe/Berlin`"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ISSUE_EXAMPLE: &str = r#"
+environment = "staging"
+
+[storage]
+url = "s3://dr-backups/acme"          # or "file:///var/lib/dr/repo"
+endpoint = "http://127.0.0.1:3900"    # optional: S3-compatible stores
+region = "garage"
+path_style = true                     # credentials: the standard AWS chain
+
+[encryption]
+recipients = ["age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p"]
+identity_file = "/etc/dr/identity.txt" # only where restores and drills run
+
+[[databases]]
+name = "app"
+url = "postgres://backup@db.internal:5432/app"  # password: PGPASSWORD, ~/.pgpass or password_file
+rpo = "26h"
+rto = "1h"
+
+  [[databases.schedules]]
+  class = "daily"
+  cron = "0 3 * * *"
+  keep = "30d"
+
+  [[databases.schedules]]
+  class = "monthly"
+  cron = "0 4 1 * *"
+  keep = "7y"
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("agent.toml"))
+    }
+
+    #[test]
+    fn issue_example_loads_verbatim() {
+        let c = parse(ISSUE_EXAMPLE).unwrap();
+        assert_eq!(c.environment.as_str(), "staging");
+        assert_eq!(c.databases.len(), 1);
+        let db = &c.databases[0];
+        assert_eq!(db.schedules.len(), 2);
+        assert_eq!(db.schedules[1].keep.to_string(), "7y");
+        assert_eq!(c.recipients().unwrap().len(), 1);
+        assert!(c.storage.path_style);
+    }
+
+    #[test]
+    fn unknown_key_is_rejected_with_line_and_name() {
+        let text = ISSUE_EXAMPLE.replace("rto = \"1h\"", "rto = \"1h\"\nrtoo = \"2h\"");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("rtoo"), "{err}");
+        assert!(err.contains("line 19"), "{err}");
+        assert!(err.contains("agent.toml"), "{err}");
+    }
+
+    #[test]
+    fn bad_duration_and_cron_are_named() {
+        let err = parse(&ISSUE_EXAMPLE.replace("\"30d\"", "\"30 fortnights\""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("invalid duration `30 fortnights`"), "{err}");
+        assert!(err.contains("line 23"), "{err}");
+        let err = parse(&ISSUE_EXAMPLE.replace("0 3 * * *", "0 25 * * *"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("invalid cron expression `0 25 * * *`"), "{err}");
+        let err = parse(&ISSUE_EXAMPLE.replace("0 3 * * *", "0 3 * *"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("expected 5 fields"), "{err}");
+    }
+
+    #[test]
+    fn bad_recipient_fails_at_load() {
+        let err = parse(&ISSUE_EXAMPLE.replace("age1ql3z", "age1qXXX"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("recipient"), "{err}");
+    }
+
+    #[test]
+    fn password_in_url_never_reaches_an_error() {
+        let text = ISSUE_EXAMPLE.replace("backup@", "backup:hunter2@").replace("26h", "26q");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(!err.contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn cron_nicknames_and_dst_next_runs() {
+        let c = CronExpr::try_from("@daily".to_string()).unwrap();
+        let tz = jiff::tz::TimeZone::get("Europe/Berlin").unwrap();
+        // Spring forward 2026-03-29: 02:30 does not exist; the job must still run once that day.
+        let c230 = CronExpr::try_from("30 2 * * *".to_string()).unwrap();
+        let start = jiff::civil::date(2026, 3, 28).at(12, 0, 0, 0).to_zoned(tz.clone()).unwrap();
+        let runs = c230.next_runs(&start, 2);
+        assert_eq!(runs[0].date(), jiff::civil::date(2026, 3, 29));
+        assert_eq!(runs[1].date(), jiff::civil::date(2026, 3, 30));
+        assert_eq!(c.next_runs(&start, 1)[0].hour(), 0);
+    }
+
+    #[test]
+    fn keep_of_years_is_calendar_aware() {
+        let d = Duration::try_from("1y".to_string()).unwrap();
+        let now: Timestamp = "2028-03-01T00:00:00Z".parse().unwrap();
+        assert_eq!(d.before(now).to_string(), "2027-03-01T00:00:00Z");
+        assert_eq!(d.seconds_at(now), 366 * 86400);
+    }
+}

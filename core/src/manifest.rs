@@ -1,0 +1,217 @@
+//! The manifest: written last, it is what makes a backup exist.
+//!
+//! It holds ids, times, sizes, hashes, versions and classes only; anything describing the
+//! database's content lives in the encrypted objects.
+
+use std::fmt;
+
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+
+/// The manifest format this build writes and the newest it reads.
+pub const FORMAT_VERSION: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("manifest {key} is not valid JSON or is missing fields: {message}")]
+    Malformed { key: String, message: String },
+    #[error("manifest {key} has format version {found}, but this dr reads up to version {FORMAT_VERSION}; upgrade dr to read it")]
+    UnknownVersion { key: String, found: u64 },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Manifest {
+    pub format: u32,
+    pub id: BackupId,
+    pub environment: String,
+    pub database: String,
+    /// The schedule classes this backup belongs to (`daily`, `monthly`, ...).
+    pub classes: Vec<String>,
+    /// When the dump started: the recovery point.
+    pub started_at: Timestamp,
+    pub finished_at: Timestamp,
+    pub server_version: String,
+    pub server_version_num: u32,
+    pub pg_dump_version: String,
+    pub dr_version: String,
+    pub compression: Compression,
+    pub encryption: Encryption,
+    pub objects: Vec<ObjectEntry>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Compression {
+    pub algorithm: String,
+    pub level: i32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Encryption {
+    pub algorithm: String,
+    /// Public keys only: which identity can decrypt this backup.
+    pub recipients: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ObjectRole {
+    /// The database: a pg_dump custom-format archive.
+    Data,
+    /// Roles and tablespaces: `pg_dumpall --globals-only` SQL.
+    Globals,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ObjectEntry {
+    pub role: ObjectRole,
+    /// File name inside the backup's directory.
+    pub name: String,
+    /// What the plaintext is: `pg_dump-custom` or `sql`.
+    pub format: String,
+    pub raw_bytes: u64,
+    pub stored_bytes: u64,
+    pub sha256: String,
+    /// Globals dumped without role passwords (the server did not let us read them).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub without_role_passwords: bool,
+}
+
+impl Manifest {
+    /// Parses a manifest, refusing format versions this build does not know.
+    pub fn from_json(key: &str, bytes: &[u8]) -> Result<Manifest, ManifestError> {
+        let malformed = |e: serde_json::Error| ManifestError::Malformed {
+            key: key.to_string(),
+            message: e.to_string(),
+        };
+        let value: serde_json::Value = serde_json::from_slice(bytes).map_err(malformed)?;
+        let found = value.get("format").and_then(|v| v.as_u64()).unwrap_or(0);
+        if found == 0 || found > u64::from(FORMAT_VERSION) {
+            if found == 0 {
+                return Err(ManifestError::Malformed {
+                    key: key.to_string(),
+                    message: "no `format` field".into(),
+                });
+            }
+            return Err(ManifestError::UnknownVersion {
+                key: key.to_string(),
+                found,
+            });
+        }
+        serde_json::from_value(value).map_err(malformed)
+    }
+
+    pub fn to_json(&self) -> Vec<u8> {
+        let mut v = serde_json::to_vec_pretty(self).expect("manifest serializes");
+        v.push(b'\n');
+        v
+    }
+
+    pub fn object(&self, role: ObjectRole) -> Option<&ObjectEntry> {
+        self.objects.iter().find(|o| o.role == role)
+    }
+}
+
+/// A backup id: sorts by time, e.g. `20261122T030000Z-3f9a`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct BackupId(String);
+
+impl BackupId {
+    pub fn new(at: Timestamp) -> BackupId {
+        BackupId(format!(
+            "{}-{:04x}",
+            at.strftime("%Y%m%dT%H%M%SZ"),
+            rand::random::<u16>()
+        ))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for BackupId {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        let ok = s.len() >= 18
+            && s.is_char_boundary(16)
+            && jiff::civil::DateTime::strptime("%Y%m%dT%H%M%SZ", &s[..16]).is_ok()
+            && s[16..].starts_with('-')
+            && s[17..].chars().all(|c| c.is_ascii_alphanumeric());
+        if ok {
+            Ok(BackupId(s))
+        } else {
+            Err(format!(
+                "`{s}` is not a backup id (they look like 20261122T030000Z-3f9a)"
+            ))
+        }
+    }
+}
+
+impl From<BackupId> for String {
+    fn from(id: BackupId) -> String {
+        id.0
+    }
+}
+
+impl fmt::Display for BackupId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Manifest {
+        let t: Timestamp = "2026-11-22T03:00:00Z".parse().unwrap();
+        Manifest {
+            format: FORMAT_VERSION,
+            id: BackupId::new(t),
+            environment: "staging".into(),
+            database: "app".into(),
+            classes: vec!["daily".into()],
+            started_at: t,
+            finished_at: t,
+            server_version: "15.18".into(),
+            server_version_num: 150018,
+            pg_dump_version: "15.18".into(),
+            dr_version: "0.1.0".into(),
+            compression: Compression {
+                algorithm: "zstd".into(),
+                level: 3,
+            },
+            encryption: Encryption {
+                algorithm: "age".into(),
+                recipients: vec!["age1x".into()],
+            },
+            objects: vec![],
+        }
+    }
+
+    #[test]
+    fn manifest_round_trips() {
+        let m = sample();
+        assert!(m.id.as_str().starts_with("20261122T030000Z-"));
+        assert_eq!(Manifest::from_json("k", &m.to_json()).unwrap(), m);
+    }
+
+    #[test]
+    fn unknown_version_and_garbage_are_refused_clearly() {
+        let mut v: serde_json::Value = serde_json::from_slice(&sample().to_json()).unwrap();
+        v["format"] = 2.into();
+        let err = Manifest::from_json("k", v.to_string().as_bytes()).unwrap_err().to_string();
+        assert!(err.contains("format version 2") && err.contains("upgrade dr"), "{err}");
+        let json = sample().to_json();
+        let err = Manifest::from_json("k", &json[..json.len() / 2]).unwrap_err().to_string();
+        assert!(err.contains("not valid JSON"), "{err}");
+    }
+
+    #[test]
+    fn backup_ids_validate() {
+        assert!(BackupId::try_from("20261122T030000Z-3f9a".to_string()).is_ok());
+        assert!(BackupId::try_from("../../etc".to_string()).is_err());
+        assert!(BackupId::try_from("20261322T030000Z-3f9a".to_string()).is_err());
+    }
+}

@@ -1,0 +1,128 @@
+//! The encoding stages: zstd compression, then age encryption, then sha256 over what is
+//! stored. Each stage wraps a `Write`, so the chain streams with bounded memory.
+
+use std::io::{self, Write};
+
+use sha2::{Digest, Sha256};
+
+use crate::keys::Recipients;
+
+/// Compression settings for the zstd stage.
+#[derive(Debug, Clone, Copy)]
+pub struct EncodeOptions {
+    pub level: i32,
+    /// Worker threads; 0 means one per core.
+    pub threads: u32,
+}
+
+/// zstd (with frame checksum, multithreaded) feeding age (STREAM, X25519 recipients).
+pub struct Encoder<W: Write> {
+    zstd: zstd::stream::write::Encoder<'static, age::stream::StreamWriter<W>>,
+}
+
+impl<W: Write> Encoder<W> {
+    pub fn new(out: W, recipients: &Recipients, opts: EncodeOptions) -> io::Result<Self> {
+        let encryptor = age::Encryptor::with_recipients(
+            recipients.iter().map(|r| r as &dyn age::Recipient),
+        )
+        .map_err(|e| io::Error::other(format!("age: {e}")))?;
+        let age = encryptor.wrap_output(out)?;
+        let mut zstd = zstd::stream::write::Encoder::new(age, opts.level)?;
+        // The library omits the frame checksum unless asked; `zstd -d` verifies it.
+        zstd.include_checksum(true)?;
+        let threads = match opts.threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+            n => n,
+        };
+        if threads > 1 {
+            zstd.multithread(threads)?;
+        }
+        Ok(Encoder { zstd })
+    }
+
+    /// Flushes both stages; without age's `finish` the file would be truncated.
+    pub fn finish(self) -> io::Result<W> {
+        self.zstd.finish()?.finish()
+    }
+}
+
+impl<W: Write> Write for Encoder<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.zstd.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.zstd.flush()
+    }
+}
+
+/// Counts and hashes the bytes as they are stored.
+pub struct HashWriter<W> {
+    inner: W,
+    hasher: Sha256,
+    bytes: u64,
+}
+
+impl<W: Write> HashWriter<W> {
+    pub fn new(inner: W) -> Self {
+        HashWriter {
+            inner,
+            hasher: Sha256::new(),
+            bytes: 0,
+        }
+    }
+
+    /// The inner writer, the hex sha256 and the byte count.
+    pub fn finish(self) -> (W, String, u64) {
+        (self.inner, hex::encode(self.hasher.finalize()), self.bytes)
+    }
+}
+
+impl<W: Write> Write for HashWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    #[test]
+    fn encoded_bytes_are_age_then_zstd_and_hash_matches() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = crate::keys::generate();
+        let id_path = dir.path().join("id");
+        crate::keys::write_new_identity(&id_path, &key).unwrap();
+        let recipients =
+            Recipients::parse_all([key.recipient.as_str()].into_iter(), "test").unwrap();
+        let plain: Vec<u8> = (0..3_000_000u32).flat_map(|i| (i % 251).to_le_bytes()).collect();
+        let mut enc = Encoder::new(
+            HashWriter::new(Vec::new()),
+            &recipients,
+            EncodeOptions {
+                level: 3,
+                threads: 2,
+            },
+        )
+        .unwrap();
+        enc.write_all(&plain).unwrap();
+        let (stored, sha, n) = enc.finish().unwrap().finish();
+        assert_eq!(n as usize, stored.len());
+        assert!(stored.starts_with(b"age-encryption.org/v1\n"));
+        assert_eq!(sha, hex::encode(Sha256::digest(&stored)));
+
+        let ids = crate::keys::Identities::from_file(&id_path).unwrap();
+        let dec = age::Decryptor::new(&stored[..]).unwrap();
+        let mut r = dec.decrypt(ids.iter()).unwrap();
+        let mut compressed = Vec::new();
+        r.read_to_end(&mut compressed).unwrap();
+        assert_eq!(zstd::decode_all(&compressed[..]).unwrap(), plain);
+    }
+}

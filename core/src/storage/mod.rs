@@ -1,0 +1,177 @@
+//! Storage backends: a small trait, implemented for a local directory (`file://`) and S3
+//! (`s3://`, also MinIO, Garage, Ceph RGW, R2). Keys are relative to the repository root
+//! (the directory, or the bucket prefix) and always use `/`.
+
+pub mod file;
+pub mod s3;
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde::Deserialize;
+
+use crate::config::StorageConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("object {key} not found in {location}")]
+    NotFound { key: String, location: String },
+    #[error("{op} {key} in {location} failed: {message}")]
+    Failed {
+        op: &'static str,
+        key: String,
+        location: String,
+        message: String,
+    },
+}
+
+impl StorageError {
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, StorageError::NotFound { .. })
+    }
+}
+
+/// One object as listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    pub key: String,
+    pub size: u64,
+    pub modified: Option<jiff::Timestamp>,
+}
+
+#[async_trait]
+pub trait Storage: Send + Sync + fmt::Debug {
+    /// Where this is, for messages: `file:///var/lib/dr/repo` or `s3://bucket/prefix`.
+    fn location(&self) -> String;
+
+    /// The size of the parts an upload is fed with.
+    fn part_size(&self) -> usize;
+
+    /// Writes a small object whole (manifests, reports). Readers never see it half-written.
+    async fn put(&self, key: &str, data: Bytes) -> Result<(), StorageError>;
+
+    /// Reads a small object whole.
+    async fn get(&self, key: &str) -> Result<Bytes, StorageError>;
+
+    /// Every object whose key starts with `prefix`, sorted by key.
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StorageError>;
+
+    async fn delete(&self, key: &str) -> Result<(), StorageError>;
+
+    /// Starts a streamed upload; nothing is visible under `key` until `complete`.
+    async fn start_upload(&self, key: &str) -> Result<Box<dyn Upload>, StorageError>;
+}
+
+#[async_trait]
+pub trait Upload: Send {
+    /// Adds the next part. May return before the part is stored, with a bounded number in flight.
+    async fn put_part(&mut self, data: Bytes) -> Result<(), StorageError>;
+
+    /// Waits for every part and makes the object visible; returns its size.
+    async fn complete(self: Box<Self>) -> Result<u64, StorageError>;
+
+    /// Discards everything uploaded so far.
+    async fn abort(self: Box<Self>) -> Result<(), StorageError>;
+}
+
+/// `file:///path` or `s3://bucket/prefix`, validated at config load.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum StorageUrl {
+    File(PathBuf),
+    S3 { bucket: String, prefix: String },
+}
+
+impl TryFrom<String> for StorageUrl {
+    type Error = String;
+    fn try_from(text: String) -> Result<Self, String> {
+        if let Some(path) = text.strip_prefix("file://") {
+            if !path.starts_with('/') {
+                return Err(format!(
+                    "storage url `{text}` must name an absolute path, like file:///var/lib/dr/repo"
+                ));
+            }
+            return Ok(StorageUrl::File(PathBuf::from(path)));
+        }
+        if let Some(rest) = text.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            let valid_bucket = (3..=63).contains(&bucket.len())
+                && bucket
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.');
+            if !valid_bucket {
+                return Err(format!(
+                    "storage url `{text}`: `{bucket}` is not a valid bucket name (3 to 63 lowercase letters, digits, `-`, `.`)"
+                ));
+            }
+            return Ok(StorageUrl::S3 {
+                bucket: bucket.to_string(),
+                prefix: prefix.trim_matches('/').to_string(),
+            });
+        }
+        Err(format!(
+            "unsupported storage url `{}`: use file:///path or s3://bucket/prefix",
+            crate::redact::redact_urls(&text)
+        ))
+    }
+}
+
+impl fmt::Display for StorageUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StorageUrl::File(p) => write!(f, "file://{}", p.display()),
+            StorageUrl::S3 { bucket, prefix } if prefix.is_empty() => write!(f, "s3://{bucket}"),
+            StorageUrl::S3 { bucket, prefix } => write!(f, "s3://{bucket}/{prefix}"),
+        }
+    }
+}
+
+/// Opens the configured backend.
+pub async fn open(config: &StorageConfig) -> Result<Arc<dyn Storage>, StorageError> {
+    Ok(match &config.url {
+        StorageUrl::File(root) => Arc::new(file::FileStorage::new(root.clone())),
+        StorageUrl::S3 { bucket, prefix } => Arc::new(
+            s3::S3Storage::connect(
+                bucket.clone(),
+                prefix.clone(),
+                s3::S3Options {
+                    endpoint: config.endpoint.clone(),
+                    region: config.region.clone(),
+                    path_style: config.path_style,
+                    part_size: config.part_size_mib * 1024 * 1024,
+                    max_in_flight: config.max_in_flight,
+                },
+            )
+            .await?,
+        ),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn storage_urls_parse_and_explain_mistakes() {
+        assert_eq!(
+            StorageUrl::try_from("s3://dr-backups/acme/".to_string()).unwrap(),
+            StorageUrl::S3 {
+                bucket: "dr-backups".into(),
+                prefix: "acme".into()
+            }
+        );
+        assert_eq!(
+            StorageUrl::try_from("file:///var/lib/dr/repo".to_string()).unwrap(),
+            StorageUrl::File("/var/lib/dr/repo".into())
+        );
+        let e = StorageUrl::try_from("file://relative".to_string()).unwrap_err();
+        assert!(e.contains("absolute"), "{e}");
+        let e = StorageUrl::try_from("gs://b/p".to_string()).unwrap_err();
+        assert!(e.contains("unsupported"), "{e}");
+        let e = StorageUrl::try_from("s3://B_ad".to_string()).unwrap_err();
+        assert!(e.contains("bucket name"), "{e}");
+    }
+}

@@ -1,0 +1,28 @@
+//! The real-component test bed for `dr`.
+//!
+//! Integration tests run the built `dr` binary against real PostgreSQL clusters
+//! ([`PgCluster`]) and a real S3 server ([`Garage`]); nothing at this level is mocked.
+//! Every fixture lives in its own temporary directory on its own free ports, so tests run
+//! in parallel without sharing state, and every fixture cleans up after itself on drop.
+
+mod config;
+mod dr;
+mod garage;
+mod pg;
+mod repo;
+mod s3;
+mod seed;
+mod tools;
+mod util;
+
+pub use config::{database_toml, encryption_toml, write_config, Storage};
+pub use dr::{dr_binary, Dr, DrOutput};
+pub use garage::{garage_binary, Garage};
+pub use pg::{pg_bindir, PgCluster};
+pub use repo::{BackupEntry, Repo};
+pub use s3::S3;
+pub use seed::{seed, table_hashes, SEED_BIG_ROWS};
+pub use tools::{
+    decrypt_to_bytes, keygen, sha256_hex, stock_restore, write_script, write_secret_file, Keypair,
+};
+pub use util::{free_port, random_hex, test_cache_dir};
