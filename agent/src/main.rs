@@ -28,7 +28,13 @@ struct Cli {
     config: PathBuf,
 
     /// Log format on stderr: `auto` is human on a terminal and JSON otherwise.
-    #[arg(long, global = true, value_enum, env = "DR_LOG_FORMAT", default_value = "auto")]
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        env = "DR_LOG_FORMAT",
+        default_value = "auto"
+    )]
     log_format: logging::Format,
 
     /// More detail in logs (repeat for more); RUST_LOG overrides.

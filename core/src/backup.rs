@@ -14,7 +14,7 @@ use crate::manifest::{
 use crate::pg::{Connection, PgError, PgTools, ServerVersion};
 use crate::pipeline::child::ChildError;
 use crate::pipeline::encode::EncodeOptions;
-use crate::pipeline::{self, PipelineError, Stored};
+use crate::pipeline::{self, Control, PipelineError, Stored};
 use crate::repo::{Repository, DATA_OBJECT, GLOBALS_OBJECT};
 use crate::storage::StorageError;
 
@@ -35,12 +35,25 @@ pub enum BackupError {
     Commit(StorageError),
 }
 
+impl BackupError {
+    pub fn is_cancelled(&self) -> bool {
+        matches!(
+            self,
+            BackupError::Pipeline {
+                source: PipelineError::Cancelled,
+                ..
+            }
+        )
+    }
+}
+
 /// Runs one backup of `db` tagged with `classes`; returns its committed manifest.
 pub async fn run(
     repo: &Repository,
     config: &Config,
     db: &DatabaseConfig,
     classes: Vec<String>,
+    control: &Control,
 ) -> Result<Manifest, BackupError> {
     let recipients = config.recipients()?;
     if recipients.is_empty() {
@@ -76,6 +89,7 @@ pub async fn run(
         &data_key,
         &recipients,
         opts,
+        control,
     )
     .await
     .map_err(|source| BackupError::Pipeline {
@@ -84,7 +98,17 @@ pub async fn run(
     })?;
 
     let globals_key = repo.object_key(database, &id, GLOBALS_OBJECT);
-    let globals = match dump_globals(&conn, &tools, repo, &globals_key, &recipients, opts).await {
+    let globals = match dump_globals(
+        &conn,
+        &tools,
+        repo,
+        &globals_key,
+        &recipients,
+        opts,
+        control,
+    )
+    .await
+    {
         Ok(g) => g,
         Err(e) => {
             discard(repo, &[&data_key]).await;
@@ -113,7 +137,13 @@ pub async fn run(
             recipients: recipients.to_strings(),
         },
         objects: vec![
-            entry(ObjectRole::Data, DATA_OBJECT, "pg_dump-custom", &data, false),
+            entry(
+                ObjectRole::Data,
+                DATA_OBJECT,
+                "pg_dump-custom",
+                &data,
+                false,
+            ),
             entry(
                 ObjectRole::Globals,
                 GLOBALS_OBJECT,
@@ -158,15 +188,25 @@ async fn dump_globals(
     key: &str,
     recipients: &crate::keys::Recipients,
     opts: EncodeOptions,
+    control: &Control,
 ) -> Result<(Stored, bool), BackupError> {
     let attempt = |role_passwords: bool| async move {
         let source = conn.spawn_pg_dumpall_globals(tools, role_passwords)?;
-        pipeline::encrypt_to_storage(source, pipeline::SQL, repo.storage(), key, recipients, opts)
-            .await
-            .map_err(|source| BackupError::Pipeline {
-                what: "the cluster's roles with pg_dumpall --globals-only",
-                source,
-            })
+        let storage = repo.storage();
+        pipeline::encrypt_to_storage(
+            source,
+            pipeline::SQL,
+            storage,
+            key,
+            recipients,
+            opts,
+            control,
+        )
+        .await
+        .map_err(|source| BackupError::Pipeline {
+            what: "the cluster's roles with pg_dumpall --globals-only",
+            source,
+        })
     };
     match attempt(true).await {
         Ok(stored) => Ok((stored, false)),

@@ -274,8 +274,7 @@ impl TryFrom<String> for Name {
             && s.len() <= 63
             && s != "."
             && s != ".."
-            && s
-                .chars()
+            && s.chars()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
         if ok {
             Ok(Name(s))
@@ -400,7 +399,11 @@ impl TryFrom<String> for TimeZone {
     fn try_from(name: String) -> Result<Self, String> {
         jiff::tz::TimeZone::get(&name)
             .map(|tz| TimeZone(tz, name.clone()))
-            .map_err(|_| format!("unknown time zone `{name}`: use an IANA name like `UTC` or `Europe/Berlin`"))
+            .map_err(|_| {
+                format!(
+                    "unknown time zone `{name}`: use an IANA name like `UTC` or `Europe/Berlin`"
+                )
+            })
     }
 }
 
@@ -473,7 +476,10 @@ rto = "1h"
         let err = parse(&ISSUE_EXAMPLE.replace("0 3 * * *", "0 25 * * *"))
             .unwrap_err()
             .to_string();
-        assert!(err.contains("invalid cron expression `0 25 * * *`"), "{err}");
+        assert!(
+            err.contains("invalid cron expression `0 25 * * *`"),
+            "{err}"
+        );
         let err = parse(&ISSUE_EXAMPLE.replace("0 3 * * *", "0 3 * *"))
             .unwrap_err()
             .to_string();
@@ -490,7 +496,9 @@ rto = "1h"
 
     #[test]
     fn password_in_url_never_reaches_an_error() {
-        let text = ISSUE_EXAMPLE.replace("backup@", "backup:hunter2@").replace("26h", "26q");
+        let text = ISSUE_EXAMPLE
+            .replace("backup@", "backup:hunter2@")
+            .replace("26h", "26q");
         let err = parse(&text).unwrap_err().to_string();
         assert!(!err.contains("hunter2"), "{err}");
     }
@@ -501,7 +509,10 @@ rto = "1h"
         let tz = jiff::tz::TimeZone::get("Europe/Berlin").unwrap();
         // Spring forward 2026-03-29: 02:30 does not exist; the job must still run once that day.
         let c230 = CronExpr::try_from("30 2 * * *".to_string()).unwrap();
-        let start = jiff::civil::date(2026, 3, 28).at(12, 0, 0, 0).to_zoned(tz.clone()).unwrap();
+        let start = jiff::civil::date(2026, 3, 28)
+            .at(12, 0, 0, 0)
+            .to_zoned(tz.clone())
+            .unwrap();
         let runs = c230.next_runs(&start, 2);
         assert_eq!(runs[0].date(), jiff::civil::date(2026, 3, 29));
         assert_eq!(runs[1].date(), jiff::civil::date(2026, 3, 30));

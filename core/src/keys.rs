@@ -20,7 +20,9 @@ pub enum KeyError {
     BadRecipient { origin: String, value: String },
     #[error("identity file {path} holds no usable age identity: {reason}")]
     BadIdentity { path: PathBuf, reason: String },
-    #[error("{what} file {path} is readable by every user (mode {mode:o}); run `chmod 600 {path}`")]
+    #[error(
+        "{what} file {path} is readable by every user (mode {mode:o}); run `chmod 600 {path}`"
+    )]
     WorldReadable {
         what: &'static str,
         path: PathBuf,
@@ -98,12 +100,10 @@ impl Identities {
                 source,
             }
         })?;
-        let ids = file
-            .into_identities()
-            .map_err(|e| KeyError::BadIdentity {
-                path: path.to_owned(),
-                reason: e.to_string(),
-            })?;
+        let ids = file.into_identities().map_err(|e| KeyError::BadIdentity {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
         if ids.is_empty() {
             return Err(KeyError::BadIdentity {
                 path: path.to_owned(),
@@ -185,9 +185,13 @@ mod tests {
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         Identities::from_file(&path).unwrap();
-        let r = Recipients::parse_all([key.recipient.as_str(), "# c", ""].into_iter(), "t").unwrap();
+        let r =
+            Recipients::parse_all([key.recipient.as_str(), "# c", ""].into_iter(), "t").unwrap();
         assert_eq!(r.len(), 1);
-        assert!(write_new_identity(&path, &key).is_err(), "must not overwrite");
+        assert!(
+            write_new_identity(&path, &key).is_err(),
+            "must not overwrite"
+        );
     }
 
     #[test]

@@ -201,10 +201,17 @@ mod tests {
     fn unknown_version_and_garbage_are_refused_clearly() {
         let mut v: serde_json::Value = serde_json::from_slice(&sample().to_json()).unwrap();
         v["format"] = 2.into();
-        let err = Manifest::from_json("k", v.to_string().as_bytes()).unwrap_err().to_string();
-        assert!(err.contains("format version 2") && err.contains("upgrade dr"), "{err}");
+        let err = Manifest::from_json("k", v.to_string().as_bytes())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("format version 2") && err.contains("upgrade dr"),
+            "{err}"
+        );
         let json = sample().to_json();
-        let err = Manifest::from_json("k", &json[..json.len() / 2]).unwrap_err().to_string();
+        let err = Manifest::from_json("k", &json[..json.len() / 2])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("not valid JSON"), "{err}");
     }
 

@@ -102,9 +102,7 @@ impl TryFrom<String> for ConnUrl {
         }
         let mut password = url
             .password()
-            .map(|p| {
-                percent_decode(p)
-            })
+            .map(|p| percent_decode(p))
             .map(|p| SecretString::from(p));
         url.set_password(None).map_err(|_| bad())?;
         // A `password=` query parameter is as secret as the userinfo one.
@@ -208,7 +206,15 @@ impl Connection {
     pub fn query(&self, tools: &PgTools, sql: &str) -> Result<String, PgError> {
         let out = self
             .command(&tools.bin("psql"))
-            .args(["-X", "-A", "-t", "-q", "--no-password", "-v", "ON_ERROR_STOP=1"])
+            .args([
+                "-X",
+                "-A",
+                "-t",
+                "-q",
+                "--no-password",
+                "-v",
+                "ON_ERROR_STOP=1",
+            ])
             .arg("-d")
             .arg(self.url.for_argv())
             .arg("-c")
@@ -346,7 +352,11 @@ impl PgTools {
                 continue;
             }
             if let Some((major, version)) = tool_version(&exe) {
-                found.push(PgTools { dir, major, version });
+                found.push(PgTools {
+                    dir,
+                    major,
+                    version,
+                });
             }
         }
         // Stable sort keeps PATH order among equal majors.
@@ -426,7 +436,9 @@ mod tests {
             .unwrap();
         assert!(e.contains("expected postgres://"), "{e}");
         assert!(!e.contains("secret"), "{e}");
-        let e = ConnUrl::try_from("postgres://a@h".to_string()).err().unwrap();
+        let e = ConnUrl::try_from("postgres://a@h".to_string())
+            .err()
+            .unwrap();
         assert!(e.contains("names no database"), "{e}");
     }
 
@@ -456,7 +468,12 @@ mod tests {
         };
         assert_eq!(PgTools::for_server(&found, &v(160004)).unwrap().major, 16);
         assert_eq!(PgTools::for_server(&found, &v(140010)).unwrap().major, 15);
-        let err = PgTools::for_server(&found, &v(180001)).unwrap_err().to_string();
-        assert!(err.contains("PostgreSQL 18") && err.contains("17.1"), "{err}");
+        let err = PgTools::for_server(&found, &v(180001))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("PostgreSQL 18") && err.contains("17.1"),
+            "{err}"
+        );
     }
 }

@@ -9,7 +9,9 @@ pub fn redact_urls(text: &str) -> String {
         out.push_str(head);
         // The authority ends at the first '/', '?', '#' or whitespace.
         let end = tail
-            .find(|c: char| matches!(c, '/' | '?' | '#') || c.is_whitespace() || c == '"' || c == '\'')
+            .find(|c: char| {
+                matches!(c, '/' | '?' | '#') || c.is_whitespace() || c == '"' || c == '\''
+            })
             .unwrap_or(tail.len());
         let authority = &tail[..end];
         match (authority.rfind('@'), authority.find(':')) {
@@ -62,7 +64,10 @@ mod tests {
             redact_urls("connect postgres://app:s3cr@t@db:5432/app failed"),
             "connect postgres://app:***@db:5432/app failed"
         );
-        assert_eq!(redact_urls("postgres://app@db/app"), "postgres://app@db/app");
+        assert_eq!(
+            redact_urls("postgres://app@db/app"),
+            "postgres://app@db/app"
+        );
         assert_eq!(
             redact_urls("postgres://db/app?sslmode=require&password=pw&x=1"),
             "postgres://db/app?sslmode=require&password=***&x=1"

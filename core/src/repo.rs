@@ -68,7 +68,9 @@ impl Repository {
     /// Writes the manifest: the commit point of a backup.
     pub async fn commit(&self, manifest: &Manifest) -> Result<(), StorageError> {
         let key = self.object_key(&manifest.database, &manifest.id, MANIFEST);
-        self.storage.put(&key, Bytes::from(manifest.to_json())).await
+        self.storage
+            .put(&key, Bytes::from(manifest.to_json()))
+            .await
     }
 
     /// Every backup of this environment (or of one database), oldest first.
@@ -112,9 +114,7 @@ impl Repository {
     /// Removes a backup's objects, manifest first so it stops existing before its data goes.
     pub async fn delete_backup(&self, database: &str, id: &BackupId) -> Result<(), StorageError> {
         let dir = format!("{}/", self.backup_dir(database, id));
-        self.storage
-            .delete(&format!("{dir}{MANIFEST}"))
-            .await?;
+        self.storage.delete(&format!("{dir}{MANIFEST}")).await?;
         for obj in self.storage.list(&dir).await? {
             self.storage.delete(&obj.key).await?;
         }
@@ -134,8 +134,12 @@ mod tests {
 
     #[test]
     fn only_manifests_at_the_right_depth_count() {
-        assert!(is_manifest_key("staging/app/backups/20261122T030000Z-3f9a/manifest.json"));
+        assert!(is_manifest_key(
+            "staging/app/backups/20261122T030000Z-3f9a/manifest.json"
+        ));
         assert!(!is_manifest_key("staging/app/drills/manifest.json"));
-        assert!(!is_manifest_key("staging/app/backups/x/manifest.json.partial-1"));
+        assert!(!is_manifest_key(
+            "staging/app/backups/x/manifest.json.partial-1"
+        ));
     }
 }

@@ -89,7 +89,10 @@ pub fn database_toml(name: &str, url: &str, password_file: Option<&Path>) -> Str
         toml_str(url)
     );
     if let Some(file) = password_file {
-        out += &format!("password_file = {}\n", toml_str(&file.display().to_string()));
+        out += &format!(
+            "password_file = {}\n",
+            toml_str(&file.display().to_string())
+        );
     }
     out + "  [[databases.schedules]]\n  class = \"daily\"\n  cron = \"0 3 * * *\"\n  keep = \"30d\"\n\n"
 }

@@ -130,8 +130,18 @@ impl Dr {
         self
     }
 
+    /// Adds one argument (e.g. a path).
+    pub fn arg(mut self, arg: impl AsRef<std::ffi::OsStr>) -> Dr {
+        self.command.arg(arg);
+        self
+    }
+
     /// Sets an environment variable for the child.
-    pub fn env(mut self, key: impl AsRef<std::ffi::OsStr>, value: impl AsRef<std::ffi::OsStr>) -> Dr {
+    pub fn env(
+        mut self,
+        key: impl AsRef<std::ffi::OsStr>,
+        value: impl AsRef<std::ffi::OsStr>,
+    ) -> Dr {
         self.command.env(key, value);
         self
     }
@@ -165,6 +175,19 @@ impl Dr {
             status: out.status,
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// Runs `dr list --json`, asserts it succeeded and returns the parsed backups.
+    pub fn list_json(self) -> Vec<serde_json::Value> {
+        let out = self.args(["list", "--json"]).run();
+        out.assert_success();
+        match serde_json::from_str(&out.stdout) {
+            Ok(serde_json::Value::Array(items)) => items,
+            other => panic!(
+                "dr list --json did not print a JSON array ({other:?}):\n{}",
+                out.stdout
+            ),
         }
     }
 

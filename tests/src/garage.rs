@@ -15,7 +15,11 @@ use crate::util::{free_port, port_open, random_hex, test_cache_dir, wait_until};
 pub fn garage_binary() -> PathBuf {
     if let Some(bin) = std::env::var_os("DR_GARAGE_BIN").filter(|b| !b.is_empty()) {
         let bin = PathBuf::from(bin);
-        assert!(bin.exists(), "DR_GARAGE_BIN={} does not exist", bin.display());
+        assert!(
+            bin.exists(),
+            "DR_GARAGE_BIN={} does not exist",
+            bin.display()
+        );
         return bin;
     }
     let cached = test_cache_dir().join("garage/bin/garage");
@@ -214,7 +218,9 @@ impl Garage {
 
     /// The server's exit status, if it has exited.
     fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.server.as_mut().and_then(|s| s.try_wait().ok().flatten())
+        self.server
+            .as_mut()
+            .and_then(|s| s.try_wait().ok().flatten())
     }
 
     /// The node's full id, from `garage node id -q` (`<hex id>@<addr>`).

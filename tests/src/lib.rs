@@ -21,7 +21,7 @@ pub use garage::{garage_binary, Garage};
 pub use pg::{pg_bindir, PgCluster};
 pub use repo::{BackupEntry, Repo};
 pub use s3::S3;
-pub use seed::{seed, table_hashes, SEED_BIG_ROWS};
+pub use seed::{create_seeded, seed, seed_incompressible, table_hashes, SEED_BIG_ROWS, SEED_ROLE};
 pub use tools::{
     decrypt_to_bytes, keygen, sha256_hex, stock_restore, write_script, write_secret_file, Keypair,
 };

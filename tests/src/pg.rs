@@ -149,7 +149,12 @@ impl PgCluster {
     /// A command for a client tool from the cluster's bindir, aimed at this server over TCP
     /// with the password in its environment; inherited `PG*` variables are removed.
     pub fn client_command(&self, tool: &str) -> Command {
-        let mut cmd = Command::new(self.bindir.join(tool));
+        self.client_command_for(&self.bindir.join(tool))
+    }
+
+    /// Like [`PgCluster::client_command`] for any program (e.g. a shell pipeline).
+    pub fn client_command_for(&self, program: &Path) -> Command {
+        let mut cmd = Command::new(program);
         for (key, _) in std::env::vars_os() {
             if key.to_string_lossy().starts_with("PG") {
                 cmd.env_remove(key);
@@ -166,7 +171,10 @@ impl PgCluster {
 
     /// Creates database `name`.
     pub fn create_db(&self, name: &str) {
-        self.psql("postgres", &format!("CREATE DATABASE {}", quote_ident(name)));
+        self.psql(
+            "postgres",
+            &format!("CREATE DATABASE {}", quote_ident(name)),
+        );
     }
 
     /// Stops the server immediately (no checkpoint). Safe to call twice.

@@ -105,7 +105,11 @@ impl S3 {
                 .send();
             while let Some(page) = pages.next().await {
                 let page = page.map_err(|e| describe(&e))?;
-                keys.extend(page.contents().iter().filter_map(|o| o.key().map(String::from)));
+                keys.extend(
+                    page.contents()
+                        .iter()
+                        .filter_map(|o| o.key().map(String::from)),
+                );
             }
             keys.sort();
             Ok(keys)

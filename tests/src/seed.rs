@@ -58,7 +58,7 @@ CREATE TABLE documents (
 );
 INSERT INTO documents
 SELECT i, 'document ' || i,
-       lo_from_bytea(0, convert_to(repeat('large object ' || i || ' ', 2000 * i), 'UTF8'))
+       lo_from_bytea(424200 + i, convert_to(repeat('large object ' || i || ' ', 2000 * i), 'UTF8'))
 FROM generate_series(1, 3) AS i;
 
 CREATE TABLE events (
@@ -143,6 +143,9 @@ pub fn table_hashes(cluster: &PgCluster, db: &str) -> BTreeMap<String, String> {
 
 /// Creates database `name` and seeds it with [`seed`].
 pub fn create_seeded(cluster: &PgCluster, name: &str) {
-    cluster.psql("postgres", &format!("CREATE DATABASE {}", quote_ident(name)));
+    cluster.psql(
+        "postgres",
+        &format!("CREATE DATABASE {}", quote_ident(name)),
+    );
     seed(cluster, name);
 }

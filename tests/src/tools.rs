@@ -23,7 +23,7 @@ pub fn keygen(dir: &Path) -> Keypair {
     let identity = dir.join("identity.txt");
     let out = Dr::without_config()
         .args(["keygen", "--output"])
-        .arg_path(&identity)
+        .arg(&identity)
         .run();
     out.assert_success();
     let recipient = out

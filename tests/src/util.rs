@@ -64,11 +64,7 @@ pub(crate) fn wait_until(timeout: Duration, mut ready: impl FnMut() -> bool) -> 
 
 /// True when something accepts TCP connections on 127.0.0.1:`port`.
 pub(crate) fn port_open(port: u16) -> bool {
-    TcpStream::connect_timeout(
-        &([127, 0, 0, 1], port).into(),
-        Duration::from_millis(200),
-    )
-    .is_ok()
+    TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(200)).is_ok()
 }
 
 /// True when the test process runs as root (as CI does).

@@ -2,14 +2,18 @@
 
 use std::path::Path;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use dr_core::config::Name;
+use dr_core::pipeline::Control;
+use indicatif::{ProgressBar, ProgressStyle};
 
 /// Back up databases now: pg_dump streamed through zstd and age to the repository.
 ///
 /// Prints each new backup's id on stdout. Without --database every configured database is
 /// backed up; one failing does not stop the others, but the exit code is then non-zero.
+/// Ctrl-C or SIGTERM stops cleanly: pg_dump is stopped, the upload aborted, nothing recorded.
 #[derive(clap::Args)]
 pub struct Args {
     /// Database to back up, as named in the config (default: all).
@@ -24,6 +28,9 @@ pub struct Args {
     #[arg(long)]
     json: bool,
 }
+
+/// Exit code after a signal stopped the work, as shells report SIGINT.
+const EXIT_CANCELLED: u8 = 130;
 
 impl Args {
     pub async fn run(self, config_path: &Path) -> anyhow::Result<ExitCode> {
@@ -42,8 +49,14 @@ impl Args {
             None => config.databases.iter().collect(),
         };
         let repo = super::open_repo(&config).await?;
+        let control = Control::default();
+        tokio::spawn(cancel_on_signal(control.clone()));
+
         let mut failed = 0;
         for db in databases {
+            if control.cancel.is_cancelled() {
+                break;
+            }
             let scheduled = db.classes().any(|c| c == self.class.as_str());
             if !scheduled && self.class.as_str() != "manual" {
                 tracing::warn!(
@@ -51,23 +64,87 @@ impl Args {
                     "no schedule of this class is configured; retention keeps such backups only while they are the newest"
                 );
             }
-            match dr_core::backup::run(&repo, &config, db, vec![self.class.to_string()]).await {
-                Ok(m) if self.json => println!("{}", String::from_utf8_lossy(&m.to_json()).trim_end()),
+            let control = Control {
+                cancel: control.cancel.clone(),
+                progress: Default::default(),
+            };
+            let bar = progress_bar(db.name.as_str(), &control);
+            let result =
+                dr_core::backup::run(&repo, &config, db, vec![self.class.to_string()], &control)
+                    .await;
+            bar.finish_and_clear();
+            match result {
+                Ok(m) if self.json => {
+                    println!("{}", String::from_utf8_lossy(&m.to_json()).trim_end())
+                }
                 Ok(m) => println!("{}", m.id),
                 Err(e) => {
                     failed += 1;
-                    let e = anyhow::Error::new(e)
-                        .context(format!("backup of database `{}` failed; no backup was recorded", db.name));
+                    let what = if e.is_cancelled() {
+                        "was stopped by a signal"
+                    } else {
+                        "failed"
+                    };
+                    let e = anyhow::Error::new(e).context(format!(
+                        "backup of database `{}` {what}; no backup was recorded",
+                        db.name
+                    ));
                     crate::print_error(&e);
                 }
             }
         }
-        Ok(if failed == 0 {
-            ExitCode::SUCCESS
-        } else {
+        Ok(if control.cancel.is_cancelled() {
+            ExitCode::from(EXIT_CANCELLED)
+        } else if failed > 0 {
             ExitCode::FAILURE
+        } else {
+            ExitCode::SUCCESS
         })
     }
+}
+
+async fn cancel_on_signal(control: Control) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        return;
+    };
+    tokio::select! {
+        _ = int.recv() => {}
+        _ = term.recv() => {}
+    }
+    tracing::warn!("signal received: stopping; the backup in progress will not be recorded");
+    control.cancel.cancel();
+}
+
+/// A live line on a terminal (hidden otherwise): bytes dumped, stored and the rate.
+fn progress_bar(database: &str, control: &Control) -> ProgressBar {
+    let bar = ProgressBar::new_spinner();
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {prefix}: {msg} ({elapsed})")
+            .expect("valid template"),
+    );
+    bar.set_prefix(database.to_string());
+    let progress = control.progress.clone();
+    let ticker = bar.clone();
+    tokio::spawn(async move {
+        let started = std::time::Instant::now();
+        while !ticker.is_finished() {
+            let raw = progress.raw();
+            let rate = raw as f64 / started.elapsed().as_secs_f64().max(0.001);
+            ticker.set_message(format!(
+                "{} dumped, {} stored, {}/s",
+                super::human_bytes(raw),
+                super::human_bytes(progress.stored()),
+                super::human_bytes(rate as u64)
+            ));
+            ticker.tick();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    bar
 }
 
 fn names(config: &dr_core::config::Config) -> String {

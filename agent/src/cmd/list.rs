@@ -36,6 +36,10 @@ struct Entry<'a> {
     sha256: &'a str,
     server_version: &'a str,
     objects: &'a [dr_core::manifest::ObjectEntry],
+    #[serde(skip)]
+    started_at_ts: jiff::Timestamp,
+    #[serde(skip)]
+    finished_at_ts: jiff::Timestamp,
 }
 
 impl<'a> From<&'a Manifest> for Entry<'a> {
@@ -53,6 +57,8 @@ impl<'a> From<&'a Manifest> for Entry<'a> {
             sha256: data.map_or("", |d| d.sha256.as_str()),
             server_version: &m.server_version,
             objects: &m.objects,
+            started_at_ts: m.started_at,
+            finished_at_ts: m.finished_at,
         }
     }
 }
@@ -73,7 +79,9 @@ impl Args {
         if entries.is_empty() {
             eprintln!(
                 "no backups of {} in {} (environment `{}`)",
-                self.database.as_deref().map_or("any database".to_string(), |d| format!("database `{d}`")),
+                self.database
+                    .as_deref()
+                    .map_or("any database".to_string(), |d| format!("database `{d}`")),
                 repo.storage().location(),
                 repo.environment()
             );
@@ -81,7 +89,16 @@ impl Args {
         }
         let mut table = Table::new();
         table.load_preset(UTF8_BORDERS_ONLY).set_header([
-            "ID", "DATABASE", "ENV", "CLASS", "STARTED (UTC)", "FINISHED", "RAW", "STORED", "SHA256", "SERVER",
+            "ID",
+            "DATABASE",
+            "ENV",
+            "CLASS",
+            "STARTED (UTC)",
+            "FINISHED",
+            "RAW",
+            "STORED",
+            "SHA256",
+            "SERVER",
         ]);
         for e in &entries {
             table.add_row(vec![
@@ -89,8 +106,8 @@ impl Args {
                 Cell::new(e.database),
                 Cell::new(e.environment),
                 Cell::new(e.classes.join(",")),
-                Cell::new(short_time(&e.started_at)),
-                Cell::new(short_time(&e.finished_at)),
+                Cell::new(m_time(e.started_at_ts, "%Y-%m-%d %H:%M:%S")),
+                Cell::new(m_time(e.finished_at_ts, "%H:%M:%S")),
                 Cell::new(super::human_bytes(e.raw_bytes)).set_alignment(CellAlignment::Right),
                 Cell::new(super::human_bytes(e.stored_bytes)).set_alignment(CellAlignment::Right),
                 Cell::new(format!("{}…", &e.sha256[..e.sha256.len().min(12)])),
@@ -107,7 +124,6 @@ impl Args {
     }
 }
 
-/// `2026-11-22T03:00:00Z` -> `2026-11-22 03:00:00`
-fn short_time(rfc3339: &str) -> String {
-    rfc3339.trim_end_matches('Z').replacen('T', " ", 1)
+fn m_time(t: jiff::Timestamp, format: &str) -> String {
+    t.strftime(format).to_string()
 }

@@ -14,9 +14,7 @@ use dr_core::repo::Repository;
 /// Loads the config, with a hint when the default path simply does not exist.
 pub fn load_config(path: &Path) -> anyhow::Result<Config> {
     match Config::load(path) {
-        Err(ConfigError::Read { source, .. })
-            if source.kind() == std::io::ErrorKind::NotFound =>
-        {
+        Err(ConfigError::Read { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
             let hint = if path == Path::new(DEFAULT_CONFIG_PATH) {
                 " (pass --config FILE or set DR_CONFIG)"
             } else {

@@ -52,6 +52,9 @@ impl ChildSource {
         secrets: Vec<String>,
     ) -> Result<Self, ChildError> {
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        // Its own process group: a terminal's Ctrl-C reaches dr, which then stops the child
+        // in order, instead of both dying at once.
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         tracing::debug!(program, args = ?redacted_args(&cmd), "starting");
         let mut child = cmd.spawn().map_err(|source| ChildError::Spawn {
             program: program.to_string(),

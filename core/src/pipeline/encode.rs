@@ -7,6 +7,10 @@ use sha2::{Digest, Sha256};
 
 use crate::keys::Recipients;
 
+/// zstd multithreaded job size: small enough to keep memory flat and low, large enough that
+/// the per-job overhead and lost cross-job matches stay negligible.
+const ZSTD_JOB_SIZE: u32 = 2 * 1024 * 1024;
+
 /// Compression settings for the zstd stage.
 #[derive(Debug, Clone, Copy)]
 pub struct EncodeOptions {
@@ -22,10 +26,9 @@ pub struct Encoder<W: Write> {
 
 impl<W: Write> Encoder<W> {
     pub fn new(out: W, recipients: &Recipients, opts: EncodeOptions) -> io::Result<Self> {
-        let encryptor = age::Encryptor::with_recipients(
-            recipients.iter().map(|r| r as &dyn age::Recipient),
-        )
-        .map_err(|e| io::Error::other(format!("age: {e}")))?;
+        let encryptor =
+            age::Encryptor::with_recipients(recipients.iter().map(|r| r as &dyn age::Recipient))
+                .map_err(|e| io::Error::other(format!("age: {e}")))?;
         let age = encryptor.wrap_output(out)?;
         let mut zstd = zstd::stream::write::Encoder::new(age, opts.level)?;
         // The library omits the frame checksum unless asked; `zstd -d` verifies it.
@@ -36,6 +39,9 @@ impl<W: Write> Encoder<W> {
         };
         if threads > 1 {
             zstd.multithread(threads)?;
+            // Each worker buffers a job in and out; the default (4 × window, 8 MiB at level 3)
+            // would make zstd alone most of our memory budget.
+            zstd.set_parameter(zstd::zstd_safe::CParameter::JobSize(ZSTD_JOB_SIZE))?;
         }
         Ok(Encoder { zstd })
     }
@@ -102,7 +108,9 @@ mod tests {
         crate::keys::write_new_identity(&id_path, &key).unwrap();
         let recipients =
             Recipients::parse_all([key.recipient.as_str()].into_iter(), "test").unwrap();
-        let plain: Vec<u8> = (0..3_000_000u32).flat_map(|i| (i % 251).to_le_bytes()).collect();
+        let plain: Vec<u8> = (0..3_000_000u32)
+            .flat_map(|i| (i % 251).to_le_bytes())
+            .collect();
         let mut enc = Encoder::new(
             HashWriter::new(Vec::new()),
             &recipients,

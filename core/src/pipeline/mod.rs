@@ -13,9 +13,12 @@ pub mod encode;
 pub mod parts;
 
 use std::io::{self, Read, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::keys::Recipients;
 use crate::storage::{Storage, StorageError};
@@ -54,6 +57,34 @@ pub enum PipelineError {
     Encode(io::Error),
     #[error(transparent)]
     Storage(#[from] StorageError),
+    #[error("cancelled")]
+    Cancelled,
+}
+
+/// How a caller steers and watches a running pipeline.
+#[derive(Debug, Clone, Default)]
+pub struct Control {
+    /// Cancelling kills the source, aborts the upload and fails with `Cancelled`.
+    pub cancel: CancellationToken,
+    pub progress: Arc<Progress>,
+}
+
+/// Live counters for progress displays.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Plaintext bytes read from the source so far.
+    pub raw_bytes: AtomicU64,
+    /// Bytes handed to storage so far.
+    pub stored_bytes: AtomicU64,
+}
+
+impl Progress {
+    pub fn raw(&self) -> u64 {
+        self.raw_bytes.load(Ordering::Relaxed)
+    }
+    pub fn stored(&self) -> u64 {
+        self.stored_bytes.load(Ordering::Relaxed)
+    }
 }
 
 /// What the source's output must start with, checked before anything is committed.
@@ -87,6 +118,7 @@ pub async fn encrypt_to_storage(
     key: &str,
     recipients: &Recipients,
     opts: EncodeOptions,
+    control: &Control,
 ) -> Result<Stored, PipelineError> {
     let mut upload = match storage.start_upload(key).await {
         Ok(u) => u,
@@ -99,23 +131,37 @@ pub async fn encrypt_to_storage(
     let (tx, mut rx) = mpsc::channel::<Bytes>(1);
     let part_size = storage.part_size();
     let recipients = recipients.clone();
+    let progress = control.progress.clone();
     let worker = tokio::task::spawn_blocking(move || {
-        encode_source(source, expect, tx, part_size, &recipients, opts)
+        encode_source(source, expect, tx, part_size, &recipients, opts, &progress)
     });
 
-    let mut upload_error = None;
-    while let Some(part) = rx.recv().await {
+    let mut stopped = None;
+    loop {
+        let part = tokio::select! {
+            part = rx.recv() => part,
+            _ = control.cancel.cancelled() => {
+                stopped = Some(PipelineError::Cancelled);
+                break;
+            }
+        };
+        let Some(part) = part else { break };
+        let len = part.len() as u64;
         if let Err(e) = upload.put_part(part).await {
-            upload_error = Some(e);
+            stopped = Some(PipelineError::Storage(e));
             break;
         }
+        control
+            .progress
+            .stored_bytes
+            .fetch_add(len, Ordering::Relaxed);
     }
     // Dropping the receiver makes a still-running encoder fail fast and kill its child.
     drop(rx);
     let encoded = worker.await.expect("encoding thread panicked");
 
-    let failure = match (upload_error, encoded) {
-        (Some(e), _) => PipelineError::Storage(e),
+    let failure = match (stopped, encoded) {
+        (Some(e), _) => e,
         (None, Err(e)) => e,
         (None, Ok(stored)) => {
             upload.complete().await?;
@@ -135,6 +181,7 @@ fn encode_source(
     part_size: usize,
     recipients: &Recipients,
     opts: EncodeOptions,
+    progress: &Progress,
 ) -> Result<Stored, PipelineError> {
     let program = source.program();
     let mut head = Vec::with_capacity(expect.magic.len());
@@ -155,6 +202,7 @@ fn encode_source(
                 head.extend_from_slice(&buf[..take]);
             }
             raw += n as u64;
+            progress.raw_bytes.fetch_add(n as u64, Ordering::Relaxed);
             enc.write_all(&buf[..n]).map_err(write_error)?;
         }
         let (parts, sha256, stored_bytes) = enc.finish().map_err(write_error)?.finish();
@@ -192,5 +240,238 @@ fn write_error(e: io::Error) -> PipelineError {
         PipelineError::Encode(io::Error::new(io::ErrorKind::BrokenPipe, "upload stopped"))
     } else {
         PipelineError::Encode(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The pipeline against a small in-memory store that can fail on demand.
+
+    use super::*;
+    use crate::storage::{ObjectInfo, Upload};
+    use async_trait::async_trait;
+    use std::collections::BTreeMap;
+    use std::process::Command;
+    use std::sync::Mutex;
+
+    #[derive(Debug, Default)]
+    struct FakeStore {
+        objects: Mutex<BTreeMap<String, Vec<u8>>>,
+        aborted: Mutex<Vec<String>>,
+        fail_at_part: Option<usize>,
+    }
+
+    struct FakeUpload {
+        store: Arc<FakeStore>,
+        key: String,
+        data: Vec<u8>,
+        parts: usize,
+    }
+
+    #[async_trait]
+    impl Storage for Arc<FakeStore> {
+        fn location(&self) -> String {
+            "fake://".into()
+        }
+        fn part_size(&self) -> usize {
+            64 * 1024
+        }
+        async fn put(&self, key: &str, data: Bytes) -> Result<(), StorageError> {
+            self.objects
+                .lock()
+                .unwrap()
+                .insert(key.into(), data.to_vec());
+            Ok(())
+        }
+        async fn get(&self, key: &str) -> Result<Bytes, StorageError> {
+            self.objects
+                .lock()
+                .unwrap()
+                .get(key)
+                .map(|v| Bytes::from(v.clone()))
+                .ok_or(StorageError::NotFound {
+                    key: key.into(),
+                    location: self.location(),
+                })
+        }
+        async fn list(&self, _prefix: &str) -> Result<Vec<ObjectInfo>, StorageError> {
+            Ok(vec![])
+        }
+        async fn delete(&self, key: &str) -> Result<(), StorageError> {
+            self.objects.lock().unwrap().remove(key);
+            Ok(())
+        }
+        async fn start_upload(&self, key: &str) -> Result<Box<dyn Upload>, StorageError> {
+            Ok(Box::new(FakeUpload {
+                store: self.clone(),
+                key: key.into(),
+                data: vec![],
+                parts: 0,
+            }))
+        }
+    }
+
+    #[async_trait]
+    impl Upload for FakeUpload {
+        async fn put_part(&mut self, data: Bytes) -> Result<(), StorageError> {
+            self.parts += 1;
+            if self.store.fail_at_part == Some(self.parts) {
+                return Err(StorageError::Failed {
+                    op: "upload part of",
+                    key: self.key.clone(),
+                    location: "fake://".into(),
+                    message: "injected failure".into(),
+                });
+            }
+            self.data.extend_from_slice(&data);
+            Ok(())
+        }
+        async fn complete(self: Box<Self>) -> Result<u64, StorageError> {
+            let n = self.data.len() as u64;
+            self.store
+                .objects
+                .lock()
+                .unwrap()
+                .insert(self.key, self.data);
+            Ok(n)
+        }
+        async fn abort(self: Box<Self>) -> Result<(), StorageError> {
+            self.store.aborted.lock().unwrap().push(self.key);
+            Ok(())
+        }
+    }
+
+    fn sh(script: &str) -> ChildSource {
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c").arg(script);
+        ChildSource::spawn("pg_dump", cmd, vec![]).unwrap()
+    }
+
+    fn recipients() -> Recipients {
+        let key = crate::keys::generate();
+        Recipients::parse_all([key.recipient.as_str()].into_iter(), "test").unwrap()
+    }
+
+    async fn run(
+        store: &Arc<FakeStore>,
+        script: &str,
+        control: &Control,
+    ) -> Result<Stored, PipelineError> {
+        let opts = EncodeOptions {
+            level: 1,
+            threads: 2,
+        };
+        encrypt_to_storage(
+            sh(script),
+            PG_DUMP_CUSTOM,
+            store,
+            "k",
+            &recipients(),
+            opts,
+            control,
+        )
+        .await
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn good_source_is_stored_with_matching_hash() {
+        let store = Arc::new(FakeStore::default());
+        let s = run(
+            &store,
+            "printf PGDMP; head -c 1000000 /dev/urandom",
+            &Control::default(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(s.raw_bytes, 1_000_005);
+        let stored = store.objects.lock().unwrap()["k"].clone();
+        assert_eq!(stored.len() as u64, s.stored_bytes);
+        assert!(stored.starts_with(b"age-encryption.org/v1\n"));
+        use sha2::Digest;
+        assert_eq!(s.sha256, hex::encode(sha2::Sha256::digest(&stored)));
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn source_exiting_non_zero_aborts_the_upload() {
+        let store = Arc::new(FakeStore::default());
+        let script =
+            "printf PGDMP; head -c 300000 /dev/urandom; echo 'pg_dump: error: boom' >&2; exit 3";
+        let err = run(&store, script, &Control::default())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("pg_dump failed (exit code 3)"), "{err}");
+        assert!(err.contains("boom"), "{err}");
+        assert!(store.objects.lock().unwrap().is_empty());
+        assert_eq!(*store.aborted.lock().unwrap(), vec!["k".to_string()]);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn source_killed_by_signal_is_reported() {
+        let store = Arc::new(FakeStore::default());
+        let err = run(
+            &store,
+            "printf PGDMP; head -c 100000 /dev/zero; kill -9 $$",
+            &Control::default(),
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("killed by signal 9 (SIGKILL)"), "{err}");
+        assert!(store.objects.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn storage_failure_kills_an_endless_source() {
+        let store = Arc::new(FakeStore {
+            fail_at_part: Some(3),
+            ..Default::default()
+        });
+        // `cat /dev/urandom` never ends: returning at all proves the child was killed.
+        let err = run(
+            &store,
+            "printf PGDMP; exec cat /dev/urandom",
+            &Control::default(),
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("injected failure"), "{err}");
+        assert_eq!(store.aborted.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn cancel_stops_source_and_aborts() {
+        let store = Arc::new(FakeStore::default());
+        let control = Control::default();
+        let cancel = control.cancel.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            cancel.cancel();
+        });
+        let err = run(&store, "printf PGDMP; exec cat /dev/urandom", &control)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, PipelineError::Cancelled), "{err}");
+        assert!(control.progress.raw() > 0);
+        assert_eq!(store.aborted.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn empty_or_foreign_output_is_refused() {
+        let store = Arc::new(FakeStore::default());
+        let err = run(&store, "exit 0", &Control::default())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, PipelineError::EmptyOutput { .. }), "{err}");
+        let err = run(&store, "echo hello", &Control::default())
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("not a pg_dump custom-format archive"),
+            "{err}"
+        );
+        assert!(store.objects.lock().unwrap().is_empty());
     }
 }

@@ -12,7 +12,7 @@ use tokio::io::AsyncWriteExt;
 use super::{ObjectInfo, Storage, StorageError, Upload};
 
 /// Parts handed to a file upload; small, since a local write needs no batching.
-const FILE_PART_SIZE: usize = 4 * 1024 * 1024;
+const FILE_PART_SIZE: usize = 1024 * 1024;
 
 /// Marks files that are not objects yet (in-progress uploads and puts).
 pub const PARTIAL_MARKER: &str = ".partial-";
@@ -135,7 +135,9 @@ impl Storage for FileStorage {
                 let Ok(rel) = path.strip_prefix(&self.root) else {
                     continue;
                 };
-                let key = rel.to_string_lossy().replace(std::path::MAIN_SEPARATOR, "/");
+                let key = rel
+                    .to_string_lossy()
+                    .replace(std::path::MAIN_SEPARATOR, "/");
                 if key.starts_with(prefix) {
                     out.push(ObjectInfo {
                         key,
@@ -162,7 +164,10 @@ impl Storage for FileStorage {
         // Tidy empty directories left behind, never above the root.
         let mut dir = path.parent().map(Path::to_path_buf);
         while let Some(d) = dir {
-            if d == self.root || !d.starts_with(&self.root) || tokio::fs::remove_dir(&d).await.is_err() {
+            if d == self.root
+                || !d.starts_with(&self.root)
+                || tokio::fs::remove_dir(&d).await.is_err()
+            {
                 break;
             }
             dir = d.parent().map(Path::to_path_buf);
@@ -242,15 +247,28 @@ mod tests {
         let s = FileStorage::new(dir.path().to_path_buf());
         let mut up = s.start_upload("env/db/backups/1/data").await.unwrap();
         up.put_part(Bytes::from_static(b"hello ")).await.unwrap();
-        assert!(s.get("env/db/backups/1/data").await.unwrap_err().is_not_found());
+        assert!(s
+            .get("env/db/backups/1/data")
+            .await
+            .unwrap_err()
+            .is_not_found());
         up.put_part(Bytes::from_static(b"world")).await.unwrap();
         assert_eq!(up.complete().await.unwrap(), 11);
-        assert_eq!(&s.get("env/db/backups/1/data").await.unwrap()[..], b"hello world");
+        assert_eq!(
+            &s.get("env/db/backups/1/data").await.unwrap()[..],
+            b"hello world"
+        );
 
         let mut up = s.start_upload("env/db/backups/2/data").await.unwrap();
         up.put_part(Bytes::from_static(b"partial")).await.unwrap();
         up.abort().await.unwrap();
-        let keys: Vec<_> = s.list("env/").await.unwrap().into_iter().map(|o| o.key).collect();
+        let keys: Vec<_> = s
+            .list("env/")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|o| o.key)
+            .collect();
         assert_eq!(keys, vec!["env/db/backups/1/data"]);
     }
 
@@ -261,7 +279,13 @@ mod tests {
         for k in ["a/x/1", "a/x/2", "a/y/1", "b/1"] {
             s.put(k, Bytes::from_static(b"1")).await.unwrap();
         }
-        let keys: Vec<_> = s.list("a/x").await.unwrap().into_iter().map(|o| o.key).collect();
+        let keys: Vec<_> = s
+            .list("a/x")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|o| o.key)
+            .collect();
         assert_eq!(keys, vec!["a/x/1", "a/x/2"]);
         s.delete("a/y/1").await.unwrap();
         s.delete("a/y/1").await.unwrap();

@@ -91,7 +91,14 @@ impl S3Storage {
         E: ProvideErrorMetadata + std::error::Error + 'static,
         R: std::fmt::Debug,
     {
-        s3_error(op, key, &self.location(), self.opts.endpoint.as_deref(), &self.bucket, e)
+        s3_error(
+            op,
+            key,
+            &self.location(),
+            self.opts.endpoint.as_deref(),
+            &self.bucket,
+            e,
+        )
     }
 }
 
@@ -241,14 +248,15 @@ impl Storage for S3Storage {
             .send()
             .await
             .map_err(|e| self.error("start upload of", key, e))?;
-        let upload_id = out.upload_id().map(str::to_string).ok_or_else(|| {
-            StorageError::Failed {
-                op: "start upload of",
-                key: key.to_string(),
-                location: self.location(),
-                message: "the store returned no upload id".into(),
-            }
-        })?;
+        let upload_id =
+            out.upload_id()
+                .map(str::to_string)
+                .ok_or_else(|| StorageError::Failed {
+                    op: "start upload of",
+                    key: key.to_string(),
+                    location: self.location(),
+                    message: "the store returned no upload id".into(),
+                })?;
         Ok(Box::new(S3Upload {
             storage: self.clone(),
             key: key.to_string(),
