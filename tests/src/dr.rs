@@ -178,9 +178,14 @@ impl Dr {
         }
     }
 
-    /// Runs `dr list --json`, asserts it succeeded and returns the parsed backups.
-    pub fn list_json(self) -> Vec<serde_json::Value> {
-        let out = self.args(["list", "--json"]).run();
+    /// Runs `dr list --json` (for one database, if given), asserts it succeeded and returns
+    /// the parsed backups.
+    pub fn list_json(self, database: Option<&str>) -> Vec<serde_json::Value> {
+        let mut dr = self.args(["list", "--json"]);
+        if let Some(database) = database {
+            dr = dr.args(["--database", database]);
+        }
+        let out = dr.run();
         out.assert_success();
         match serde_json::from_str(&out.stdout) {
             Ok(serde_json::Value::Array(items)) => items,

@@ -121,8 +121,7 @@ impl Bed {
     /// Ids listed by `dr list --json` for `database`.
     fn listed_ids(&self, config: &Path, database: &str) -> Vec<String> {
         self.dr(config)
-            .args(["list", "--database", database, "--json"])
-            .list_json()
+            .list_json(Some(database))
             .iter()
             .map(|b| b["id"].as_str().expect("backup id is a string").to_string())
             .collect()
@@ -230,7 +229,7 @@ fn round_trip_with_stock_tools(bed: Bed) {
         "the stock-tools restore differs from the source database"
     );
 
-    let listed = bed.dr(&config).args(["list", "--json"]).list_json();
+    let listed = bed.dr(&config).list_json(None);
     assert_eq!(listed.len(), 1, "dr list --json: {listed:?}");
     let backup = &listed[0];
     assert_eq!(backup["id"], id.as_str());
