@@ -100,10 +100,7 @@ impl TryFrom<String> for ConnUrl {
         if !matches!(url.scheme(), "postgres" | "postgresql") {
             return Err(bad());
         }
-        let mut password = url
-            .password()
-            .map(|p| percent_decode(p))
-            .map(|p| SecretString::from(p));
+        let mut password = url.password().map(percent_decode).map(SecretString::from);
         url.set_password(None).map_err(|_| bad())?;
         // A `password=` query parameter is as secret as the userinfo one.
         let pairs: Vec<(String, String)> = url.query_pairs().into_owned().collect();
@@ -360,7 +357,7 @@ impl PgTools {
             }
         }
         // Stable sort keeps PATH order among equal majors.
-        found.sort_by(|a, b| b.major.cmp(&a.major));
+        found.sort_by_key(|t| std::cmp::Reverse(t.major));
         found
     }
 
