@@ -9,6 +9,7 @@
 //! joins them, so memory does not grow with the database.
 
 pub mod child;
+pub mod decode;
 pub mod encode;
 pub mod parts;
 
@@ -293,6 +294,13 @@ mod tests {
                     key: key.into(),
                     location: self.location(),
                 })
+        }
+        async fn open_read(
+            &self,
+            key: &str,
+        ) -> Result<Box<dyn tokio::io::AsyncRead + Send + Unpin>, StorageError> {
+            let data = self.get(key).await?;
+            Ok(Box::new(std::io::Cursor::new(data.to_vec())))
         }
         async fn list(&self, _prefix: &str) -> Result<Vec<ObjectInfo>, StorageError> {
             Ok(vec![])

@@ -107,6 +107,17 @@ impl Storage for FileStorage {
             .map_err(|e| self.failed("read", key, &path, e))
     }
 
+    async fn open_read(
+        &self,
+        key: &str,
+    ) -> Result<Box<dyn tokio::io::AsyncRead + Send + Unpin>, StorageError> {
+        let path = self.path(key);
+        let f = tokio::fs::File::open(&path)
+            .await
+            .map_err(|e| self.failed("read", key, &path, e))?;
+        Ok(Box::new(tokio::io::BufReader::with_capacity(256 * 1024, f)))
+    }
+
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StorageError> {
         // Walk from the deepest directory the prefix names, then filter by the full prefix.
         let start_key = prefix.rfind('/').map_or("", |i| &prefix[..i]);

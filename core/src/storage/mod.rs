@@ -56,6 +56,12 @@ pub trait Storage: Send + Sync + fmt::Debug {
     /// Reads a small object whole.
     async fn get(&self, key: &str) -> Result<Bytes, StorageError>;
 
+    /// Streams an object; memory stays bounded whatever its size.
+    async fn open_read(
+        &self,
+        key: &str,
+    ) -> Result<Box<dyn tokio::io::AsyncRead + Send + Unpin>, StorageError>;
+
     /// Every object whose key starts with `prefix`, sorted by key.
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StorageError>;
 

@@ -193,6 +193,21 @@ impl Storage for S3Storage {
         Ok(body.into_bytes())
     }
 
+    async fn open_read(
+        &self,
+        key: &str,
+    ) -> Result<Box<dyn tokio::io::AsyncRead + Send + Unpin>, StorageError> {
+        let out = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(self.full_key(key))
+            .send()
+            .await
+            .map_err(|e| self.error("get", key, e))?;
+        Ok(Box::new(out.body.into_async_read()))
+    }
+
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StorageError> {
         let full = self.full_key(prefix);
         let strip = if self.prefix.is_empty() {
