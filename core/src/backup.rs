@@ -26,7 +26,7 @@ pub enum BackupError {
     Keys(#[from] crate::keys::KeyError),
     #[error(transparent)]
     Pg(#[from] PgError),
-    #[error("dumping {what}: {source}")]
+    #[error("storing {what}: {source}")]
     Pipeline {
         what: &'static str,
         source: PipelineError,
@@ -93,7 +93,7 @@ pub async fn run(
     )
     .await
     .map_err(|source| BackupError::Pipeline {
-        what: "the database with pg_dump",
+        what: "the database dump (pg_dump)",
         source,
     })?;
 
@@ -204,7 +204,7 @@ async fn dump_globals(
         )
         .await
         .map_err(|source| BackupError::Pipeline {
-            what: "the cluster's roles with pg_dumpall --globals-only",
+            what: "the cluster's roles (pg_dumpall --globals-only)",
             source,
         })
     };

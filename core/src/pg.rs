@@ -175,6 +175,14 @@ impl Connection {
         })
     }
 
+    /// The same server and credentials, another database (e.g. `postgres` to create one).
+    pub fn for_database(&self, dbname: &str) -> Connection {
+        Connection {
+            url: self.url.with_dbname(dbname),
+            password: self.password.clone(),
+        }
+    }
+
     /// Secrets to scrub from any child output before it is shown.
     pub fn secrets(&self) -> Vec<String> {
         self.password
@@ -289,6 +297,16 @@ impl Connection {
             .arg(self.url.dbname());
         Ok(ChildSource::spawn("pg_dumpall", cmd, self.secrets())?)
     }
+}
+
+/// `'text'` as an SQL literal.
+pub fn quote_literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
+/// `"name"` as an SQL identifier.
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -56,11 +56,18 @@ impl PgCluster {
             "PostgreSQL binaries not found in {} (install Debian's postgresql-15 or set DR_PG_BINDIR)",
             bindir.display()
         );
+        let user = running_as_root().then(ServiceUser::find);
+        // As root the server runs as another user, who must be able to reach the
+        // directory: $TMPDIR may sit under root's 0700 home, /tmp never does.
+        let parent = if user.is_some() {
+            PathBuf::from("/tmp")
+        } else {
+            std::env::temp_dir()
+        };
         let dir = tempfile::Builder::new()
             .prefix("dr-pg-")
-            .tempdir()
+            .tempdir_in(parent)
             .expect("create cluster temp dir");
-        let user = running_as_root().then(ServiceUser::find);
         let mut cluster = PgCluster {
             dir,
             bindir,
@@ -243,9 +250,9 @@ impl PgCluster {
             .open(&conf)
             .expect("open postgresql.conf");
         let socket_dir = root.join("sock");
-        write!(
+        writeln!(
             file,
-            "{SETTINGS}unix_socket_directories = '{}'\n",
+            "{SETTINGS}unix_socket_directories = '{}'",
             socket_dir.display()
         )
         .expect("write postgresql.conf");

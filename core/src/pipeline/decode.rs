@@ -194,6 +194,28 @@ fn read_failure(e: io::Error, offset: u64, fetch_failed: bool) -> DecodeError {
     }
 }
 
+/// Proves `identities` can decrypt the object by opening it and reading its first chunk;
+/// reads about 64 KiB, whatever the object's size.
+pub fn check_key(
+    stored: impl Read,
+    identities: &Identities,
+    expected: &Expected,
+) -> Result<(), DecodeError> {
+    let decryptor =
+        age::Decryptor::new(stored).map_err(|e| DecodeError::BadHeader(e.to_string()))?;
+    let mut plaintext = decryptor.decrypt(identities.iter()).map_err(|e| match e {
+        age::DecryptError::NoMatchingKeys => DecodeError::WrongKey {
+            recipients: expected.recipients.join(", "),
+        },
+        other => DecodeError::BadHeader(other.to_string()),
+    })?;
+    let mut first = [0u8; 1];
+    plaintext
+        .read(&mut first)
+        .map(|_| ())
+        .map_err(|e| read_failure(e, 0, false))
+}
+
 /// Checks only the stored bytes (presence is the caller's, size and sha256 here): no key needed.
 pub fn hash_stored(mut stored: impl Read, expected: &Expected) -> Result<u64, DecodeError> {
     let mut hasher = Sha256::new();

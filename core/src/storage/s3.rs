@@ -14,7 +14,7 @@ use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_config::BehaviorVersion;
 use aws_sdk_s3::config::{Region, RequestChecksumCalculation, ResponseChecksumValidation};
-use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use aws_sdk_s3::Client;
@@ -136,9 +136,13 @@ where
             SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) => format!(
                 "cannot reach the storage{}: {}",
                 endpoint.map(|ep| format!(" at {ep}")).unwrap_or_default(),
-                DisplayErrorContext(&e)
+                cause_chain(&e)
             ),
-            _ => DisplayErrorContext(&e).to_string(),
+            _ => match (code.as_deref(), e.message()) {
+                (Some(code), Some(msg)) => format!("{code}: {msg}"),
+                (Some(code), None) => code.to_string(),
+                _ => cause_chain(&e),
+            },
         },
     };
     StorageError::Failed {
@@ -147,6 +151,22 @@ where
         location: location.to_string(),
         message,
     }
+}
+
+/// The innermost causes of an SDK error, one clause each, without the SDK's debug dump.
+fn cause_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        let text = err.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        cur = err.source();
+    }
+    // The outer layers are generic ("dispatch failure", "io error"); the last ones say what.
+    let keep = parts.len().saturating_sub(2);
+    parts[keep..].join(": ")
 }
 
 #[async_trait]
