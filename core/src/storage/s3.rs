@@ -89,7 +89,7 @@ impl S3Storage {
     fn error<E, R>(&self, op: &'static str, key: &str, e: SdkError<E, R>) -> StorageError
     where
         E: ProvideErrorMetadata + std::error::Error + 'static,
-        R: std::fmt::Debug,
+        R: std::fmt::Debug + Send + Sync + 'static,
     {
         s3_error(
             op,
@@ -112,7 +112,7 @@ fn s3_error<E, R>(
 ) -> StorageError
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
-    R: std::fmt::Debug,
+    R: std::fmt::Debug + Send + Sync + 'static,
 {
     let code = e.code().map(str::to_string);
     let message = match code.as_deref() {
