@@ -49,6 +49,8 @@ struct Cli {
 enum Command {
     Backup(cmd::backup::Args),
     List(cmd::list::Args),
+    Restore(Box<cmd::restore::Args>),
+    Verify(cmd::verify::Args),
     Keygen(cmd::keygen::Args),
     /// Validate the configuration and show the schedules it sets.
     #[command(subcommand)]
@@ -66,6 +68,8 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Backup(args) => args.run(&cli.config).await,
             Command::List(args) => args.run(&cli.config).await,
+            Command::Restore(args) => args.run(&cli.config).await,
+            Command::Verify(args) => args.run(&cli.config).await,
             Command::Keygen(args) => args.run(),
             Command::Config(c) => c.run(&cli.config),
         }

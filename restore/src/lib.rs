@@ -1,4 +1,80 @@
-//! `dr-restore`: choosing a backup, fetching, verifying, decrypting and restoring it
-//! (`dr restore`, `dr verify`). The drills reuse this engine.
+//! `dr-restore`: the restore engine shared by `dr restore`, `dr verify` and the drills.
 //!
-//! Not built yet: it will run the pipeline stages of `dr_core::pipeline` backwards.
+//! - [`select`]: which backup (by id, the latest, the newest before a time).
+//! - [`fetch`]: stream an object from storage through the verified decode stage.
+//! - [`target`]: the destination database: does it exist, is it empty, create and drop it.
+//! - [`globals`]: apply a backup's roles, skipping those that exist.
+//! - [`run`]: a whole restore, staged (verified first, then `pg_restore -j N`) or streamed.
+//! - [`verify`]: check backups without restoring them.
+
+pub mod fetch;
+pub mod globals;
+pub mod run;
+pub mod select;
+pub mod target;
+pub mod verify;
+
+use std::path::PathBuf;
+
+use dr_core::keys::KeyError;
+use dr_core::pg::PgError;
+use dr_core::pipeline::child::ChildError;
+use dr_core::pipeline::decode::DecodeError;
+use dr_core::storage::StorageError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error(transparent)]
+    Select(#[from] select::SelectError),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("no identity to decrypt with: set [encryption] identity_file in the config or pass --identity FILE")]
+    NoIdentity,
+    #[error(transparent)]
+    Keys(#[from] KeyError),
+    #[error("backup {backup}: its {object} object is missing from {location}")]
+    Missing {
+        backup: String,
+        object: String,
+        location: String,
+    },
+    #[error("backup {backup}: object {object}: {source}")]
+    Decode {
+        backup: String,
+        object: String,
+        source: DecodeError,
+    },
+    #[error("backup {backup} has no {role} object in its manifest")]
+    NoObject { backup: String, role: &'static str },
+    #[error(transparent)]
+    Pg(#[from] PgError),
+    #[error("target database `{database}` already holds {tables} table(s) or other relations; restoring would mix two databases. Pick an empty or new database (--create), or pass --force to replace its objects")]
+    TargetNotEmpty { database: String, tables: u64 },
+    #[error("target database `{database}` does not exist; pass --create to create it")]
+    TargetMissing { database: String },
+    #[error("not confirmed; nothing was changed")]
+    NotConfirmed,
+    #[error("the staging directory {dir} has {available} bytes free but the archive needs {needed}; pass --staging-dir DIR on a larger disk, or --jobs 1 to stream without staging")]
+    NoSpace {
+        dir: PathBuf,
+        needed: u64,
+        available: u64,
+    },
+    #[error("staging file in {dir}: {source}")]
+    Staging {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} already exists; pick another --output or remove it first")]
+    OutputExists { path: PathBuf },
+    #[error(transparent)]
+    Child(#[from] ChildError),
+    #[error("cancelled")]
+    Cancelled,
+}
+
+impl RestoreError {
+    pub fn is_cancelled(&self) -> bool {
+        matches!(self, RestoreError::Cancelled)
+    }
+}

@@ -4,6 +4,8 @@ pub mod backup;
 pub mod config;
 pub mod keygen;
 pub mod list;
+pub mod restore;
+pub mod verify;
 
 use std::path::Path;
 

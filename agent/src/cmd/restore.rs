@@ -1,0 +1,303 @@
+//! `dr restore`: the incident responder's command. Obvious, loud about what it does,
+//! refuses to aim at the wrong database by accident, and as fast as the hardware allows.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use dr_core::pg::{ConnUrl, Connection};
+use dr_restore::run::{Confirm, Destination, Phase, Request, Watch};
+use dr_restore::select::{parse_time, Selector};
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// Restore a backup into a database, or write its pg_dump archive to a file.
+///
+/// Picks the latest backup unless told otherwise, verifies it as it streams (sha256 of the
+/// stored bytes, age authentication, zstd checksum) and refuses to write into a database
+/// that already holds tables unless --force is given and confirmed.
+///
+/// With --jobs above 1 the archive is fetched, verified and decoded into a staging file
+/// first, then restored with `pg_restore -j N`, so a corrupted backup never touches the
+/// target. With --jobs 1 it streams straight into pg_restore, only into a database it
+/// creates (--create), which it drops again if anything fails.
+///
+/// Examples:
+///   dr restore --database app --target postgres://admin@db:5432/app_restored --create
+///   dr restore --database app --before "2h ago" --output app.dump
+///   dr restore --database app --backup 20261122T030000Z-3f9a --target URL --dry-run
+#[derive(clap::Args)]
+#[command(verbatim_doc_comment)]
+pub struct Args {
+    /// The database whose backup to restore, as named in the config.
+    #[arg(long, short)]
+    database: String,
+
+    /// Restore this backup (see `dr list`).
+    #[arg(long, group = "which")]
+    backup: Option<String>,
+
+    /// Restore the newest backup (the default).
+    #[arg(long, group = "which")]
+    latest: bool,
+
+    /// The newest backup taken at or before TIME: RFC 3339 or relative like "2h ago".
+    #[arg(long, group = "which", value_name = "TIME")]
+    before: Option<String>,
+
+    /// Restore into this database: postgres://user@host:port/dbname (password via
+    /// PGPASSWORD, ~/.pgpass or --target-password-file; never on the command line).
+    #[arg(long, group = "dest", value_name = "URL")]
+    target: Option<String>,
+
+    /// Write the decrypted, decompressed pg_dump archive here instead.
+    #[arg(long, short, group = "dest", value_name = "FILE")]
+    output: Option<PathBuf>,
+
+    /// Create the target database when it does not exist.
+    #[arg(long, requires = "target")]
+    create: bool,
+
+    /// Allow restoring into a database that already holds tables (replaces its objects).
+    #[arg(long, requires = "target")]
+    force: bool,
+
+    /// Do not ask for confirmation of --force.
+    #[arg(long, short = 'y')]
+    yes: bool,
+
+    /// Also create the backup's roles first (existing roles are left unchanged).
+    #[arg(long, requires = "target")]
+    globals: bool,
+
+    /// Do not restore object ownership (for a server without the original roles).
+    #[arg(long, requires = "target")]
+    no_owner: bool,
+
+    /// Parallel pg_restore jobs (default: number of cores). 1 streams without staging.
+    #[arg(long, short)]
+    jobs: Option<usize>,
+
+    /// Where the staged archive goes (default: $TMPDIR or /var/tmp). Needs the archive's
+    /// raw size free; the file is removed afterwards, also on failure and Ctrl-C.
+    #[arg(long, value_name = "DIR")]
+    staging_dir: Option<PathBuf>,
+
+    /// Identity file to decrypt with (default: [encryption] identity_file).
+    #[arg(long, value_name = "FILE")]
+    identity: Option<PathBuf>,
+
+    /// File holding the target server's password.
+    #[arg(long, value_name = "FILE")]
+    target_password_file: Option<PathBuf>,
+
+    /// Say what would be restored where and check the key can decrypt it; change nothing.
+    #[arg(long)]
+    dry_run: bool,
+
+    /// Print a JSON summary: backup, target, stage durations, bytes.
+    #[arg(long)]
+    json: bool,
+}
+
+struct Prompt {
+    yes: bool,
+}
+
+impl Confirm for Prompt {
+    fn replace_non_empty(&self, database: &str, relations: u64) -> bool {
+        if self.yes {
+            return true;
+        }
+        eprint!(
+            "\nDatabase `{database}` holds {relations} relations. Restoring with --force REPLACES its objects.\nType the database name to continue: "
+        );
+        let _ = std::io::stderr().flush();
+        let mut line = String::new();
+        let _ = std::io::stdin().lock().read_line(&mut line);
+        line.trim() == database
+    }
+}
+
+impl Args {
+    pub async fn run(self, config_path: &Path) -> anyhow::Result<ExitCode> {
+        let config = super::load_config(config_path)?;
+        if self.force && !self.yes && !self.dry_run && !std::io::stdin().is_terminal() {
+            anyhow::bail!("--force needs a terminal to confirm on, or --yes");
+        }
+        let selector = match (&self.backup, &self.before) {
+            (Some(id), _) => Selector::Id(id.clone()),
+            (_, Some(t)) => Selector::Before(parse_time(t, jiff::Timestamp::now())?),
+            _ => Selector::Latest,
+        };
+        let destination = match (&self.target, &self.output) {
+            (Some(url), _) => {
+                let url = ConnUrl::try_from(url.clone()).map_err(anyhow::Error::msg)?;
+                Destination::Database {
+                    conn: Connection::new(&url, self.target_password_file.as_deref())?,
+                    create: self.create,
+                    force: self.force,
+                    globals: self.globals,
+                    no_owner: self.no_owner,
+                }
+            }
+            (None, Some(path)) => Destination::File(path.clone()),
+            (None, None) => anyhow::bail!("say where to restore: --target URL or --output FILE"),
+        };
+        let identity_path = self
+            .identity
+            .clone()
+            .or_else(|| config.encryption.identity_file.clone())
+            .ok_or(dr_restore::RestoreError::NoIdentity)?;
+        let identities = Arc::new(
+            dr_core::keys::Identities::from_file(&identity_path)
+                .with_context(|| "cannot load the identity to decrypt with")?,
+        );
+        let jobs = self
+            .jobs
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
+            .max(1);
+        let staging_dir = self
+            .staging_dir
+            .clone()
+            .or_else(|| std::env::var_os("TMPDIR").map(PathBuf::from))
+            .unwrap_or_else(|| PathBuf::from("/var/tmp"));
+        let request = Request {
+            database: self.database.clone(),
+            selector,
+            destination,
+            identities,
+            jobs,
+            staging_dir,
+        };
+        let repo = super::open_repo(&config).await?;
+
+        if self.dry_run {
+            let plan = dr_restore::run::dry_run(&repo, &request).await?;
+            if self.json {
+                println!("{}", serde_json::to_string_pretty(&plan)?);
+            } else {
+                println!(
+                    "backup {} of `{}`, taken {} ({}), {} stored / {} raw",
+                    plan.backup_id,
+                    plan.database,
+                    plan.backup_started_at,
+                    plan.classes.join(","),
+                    super::human_bytes(plan.stored_bytes),
+                    super::human_bytes(plan.raw_bytes)
+                );
+                println!("identity: can decrypt it");
+                println!("{}: {}", plan.destination, plan.plan);
+                println!("dry run: nothing was changed");
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+
+        let manifest = dr_restore::run::choose(&repo, &request).await?;
+        let to = match (&self.target, &self.output) {
+            (Some(_), _) => match &request.destination {
+                Destination::Database { conn, .. } => conn.url.to_string(),
+                Destination::File(_) => unreachable!(),
+            },
+            _ => self
+                .output
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+        };
+        eprintln!(
+            "RESTORE backup {} of database `{}` (taken {}) -> {} [jobs {}]",
+            manifest.id, manifest.database, manifest.started_at, to, jobs
+        );
+
+        let watch = Arc::new(Watch::default());
+        tokio::spawn(cancel_on_signal(watch.clone()));
+        let bar = progress(watch.clone());
+        let result =
+            dr_restore::run::restore(&repo, request, watch.clone(), &Prompt { yes: self.yes })
+                .await;
+        bar.finish_and_clear();
+        match result {
+            Ok(summary) => {
+                if self.json {
+                    println!("{}", serde_json::to_string_pretty(&summary)?);
+                } else {
+                    let s = &summary.seconds;
+                    println!(
+                        "restored backup {} into {} in {:.1} s (fetch {:.1} s, decrypt+decompress {:.1} s, pg_restore {:.1} s; {} mode)",
+                        summary.backup_id, summary.destination, s.total, s.fetch,
+                        s.decrypt_decompress, s.pg_restore, summary.mode
+                    );
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) if e.is_cancelled() => {
+                eprintln!("restore stopped by a signal; staging files were removed");
+                Ok(ExitCode::from(130))
+            }
+            Err(e) => Err(anyhow::Error::new(e).context("restore failed")),
+        }
+    }
+}
+
+async fn cancel_on_signal(watch: Arc<Watch>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        return;
+    };
+    tokio::select! {
+        _ = int.recv() => {}
+        _ = term.recv() => {}
+    }
+    tracing::warn!("signal received: stopping the restore and cleaning up");
+    watch.pipeline.cancel.cancel();
+}
+
+/// Download bar (bytes, rate, ETA), then restore bar (TOC entries); hidden off a terminal.
+fn progress(watch: Arc<Watch>) -> ProgressBar {
+    let bar = ProgressBar::new(0);
+    let fetch_style = ProgressStyle::with_template(
+        "fetch+verify {bar:30} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+    )
+    .expect("valid template");
+    let restore_style =
+        ProgressStyle::with_template("pg_restore   {bar:30} {pos}/{len} entries ({elapsed})")
+            .expect("valid template");
+    let ticker = bar.clone();
+    tokio::spawn(async move {
+        let mut shown = Phase::Preparing;
+        while !ticker.is_finished() {
+            let phase = *watch.phase.lock().expect("phase");
+            if phase != shown {
+                shown = phase;
+                match phase {
+                    Phase::Fetching => {
+                        ticker.set_style(fetch_style.clone());
+                        ticker.set_length(watch.stored_total.load(Ordering::Relaxed));
+                    }
+                    Phase::Restoring => {
+                        ticker.set_style(restore_style.clone());
+                        ticker.reset();
+                    }
+                    _ => {}
+                }
+            }
+            match phase {
+                Phase::Fetching => ticker.set_position(watch.pipeline.progress.stored()),
+                Phase::Restoring => {
+                    ticker.set_length(watch.toc_total.load(Ordering::Relaxed));
+                    ticker.set_position(watch.toc_done.load(Ordering::Relaxed));
+                }
+                _ => {}
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    bar
+}

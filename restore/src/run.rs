@@ -1,0 +1,814 @@
+//! A whole restore. Two shapes:
+//!
+//! - **staged** (`jobs > 1`, or a target that already existed): fetch, verify and decode into
+//!   a local staging file, and only then run `pg_restore -j N`. A corrupted object or a wrong
+//!   key fails before the target is touched. The staging file is removed on every path.
+//! - **streamed** (`jobs = 1` into a database this run creates): stored bytes flow straight
+//!   into `pg_restore`. A failure drops the database we created, so nothing half-restored
+//!   remains.
+
+use std::io::{BufRead, BufReader, BufWriter};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use dr_core::keys::Identities;
+use dr_core::manifest::{Manifest, ObjectEntry, ObjectRole};
+use dr_core::pg::Connection;
+use dr_core::pipeline::child::{describe_status, ChildError};
+use dr_core::pipeline::Control;
+use dr_core::repo::Repository;
+use serde::Serialize;
+
+use crate::fetch::{fetch_decoded, FetchClock};
+use crate::globals::{self, GlobalsReport};
+use crate::select::{self, Selector};
+use crate::target::{Target, TargetState};
+use crate::RestoreError;
+
+/// Headroom asked of the staging disk beyond the archive itself.
+const STAGING_MARGIN: u64 = 64 * 1024 * 1024;
+
+pub struct Request {
+    pub database: String,
+    pub selector: Selector,
+    pub destination: Destination,
+    pub identities: Arc<Identities>,
+    pub jobs: usize,
+    pub staging_dir: PathBuf,
+}
+
+pub enum Destination {
+    Database {
+        conn: Connection,
+        create: bool,
+        force: bool,
+        globals: bool,
+        no_owner: bool,
+    },
+    /// The decrypted, decompressed pg_dump archive, for manual use.
+    File(PathBuf),
+}
+
+/// What the caller decides for the engine: confirmation of destructive steps.
+pub trait Confirm: Send + Sync {
+    /// Asked before restoring over a database that holds relations (`--force`).
+    fn replace_non_empty(&self, database: &str, relations: u64) -> bool;
+}
+
+/// Live state for progress displays.
+#[derive(Debug, Default)]
+pub struct Watch {
+    pub pipeline: Control,
+    /// Stored bytes of the object being fetched (for a download bar's length).
+    pub stored_total: AtomicU64,
+    pub toc_total: AtomicU64,
+    pub toc_done: AtomicU64,
+    pub phase: std::sync::Mutex<Phase>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    #[default]
+    Preparing,
+    Fetching,
+    Restoring,
+    Done,
+}
+
+impl Watch {
+    fn set(&self, phase: Phase) {
+        *self.phase.lock().expect("phase") = phase;
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub backup_id: String,
+    pub database: String,
+    pub backup_started_at: jiff::Timestamp,
+    /// The target database URL (no password), or the output file.
+    pub destination: String,
+    /// `staged`, `streamed` or `output`.
+    pub mode: &'static str,
+    pub jobs: usize,
+    pub target_created: bool,
+    pub stored_bytes: u64,
+    pub raw_bytes: u64,
+    pub seconds: Seconds,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub globals: Option<GlobalsReport>,
+}
+
+/// Stage durations. Fetch and decode overlap (they stream); `total` is the measured RTO.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Seconds {
+    pub fetch: f64,
+    pub decrypt_decompress: f64,
+    pub pg_restore: f64,
+    pub total: f64,
+}
+
+/// What `--dry-run` found, touching nothing.
+#[derive(Debug, Clone, Serialize)]
+pub struct DryRun {
+    pub backup_id: String,
+    pub database: String,
+    pub backup_started_at: jiff::Timestamp,
+    pub classes: Vec<String>,
+    pub stored_bytes: u64,
+    pub raw_bytes: u64,
+    pub destination: String,
+    pub identity_can_decrypt: bool,
+    /// What would happen to the destination.
+    pub plan: String,
+}
+
+/// Picks the backup the request names.
+pub async fn choose(repo: &Repository, req: &Request) -> Result<Manifest, RestoreError> {
+    let listing = repo.list(Some(&req.database)).await?;
+    for problem in &listing.unreadable {
+        tracing::warn!(error = %problem, "skipping an unreadable manifest");
+    }
+    let place = format!(
+        "{} (environment `{}`)",
+        repo.storage().location(),
+        repo.environment()
+    );
+    Ok(select::select(&listing.backups, &req.database, &req.selector, &place)?.clone())
+}
+
+fn object(m: &Manifest, role: ObjectRole) -> Result<&ObjectEntry, RestoreError> {
+    m.object(role).ok_or_else(|| RestoreError::NoObject {
+        backup: m.id.to_string(),
+        role: match role {
+            ObjectRole::Data => "data",
+            ObjectRole::Globals => "globals",
+        },
+    })
+}
+
+fn archive_major(m: &Manifest) -> u32 {
+    m.pg_dump_version
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, RestoreError> + Send + 'static,
+) -> Result<T, RestoreError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .expect("blocking task panicked")
+}
+
+/// Says what a restore would do, checking the key against the real object.
+pub async fn dry_run(repo: &Repository, req: &Request) -> Result<DryRun, RestoreError> {
+    let m = choose(repo, req).await?;
+    let data = object(&m, ObjectRole::Data)?.clone();
+    let key = repo.object_key(&m.database, &m.id, &data.name);
+    let reader = repo.storage().open_read(&key).await.map_err(|e| {
+        if e.is_not_found() {
+            RestoreError::Missing {
+                backup: m.id.to_string(),
+                object: data.name.clone(),
+                location: repo.storage().location(),
+            }
+        } else {
+            e.into()
+        }
+    })?;
+    let expected = crate::fetch::expected(&m, &data);
+    let ids = req.identities.clone();
+    let backup = m.id.to_string();
+    let object_name = data.name.clone();
+    blocking(move || {
+        dr_core::pipeline::decode::check_key(
+            tokio_util::io::SyncIoBridge::new(reader),
+            &ids,
+            &expected,
+        )
+        .map_err(|source| RestoreError::Decode {
+            backup,
+            object: object_name,
+            source,
+        })
+    })
+    .await?;
+
+    let (destination, plan) = match &req.destination {
+        Destination::File(path) => (
+            path.display().to_string(),
+            format!(
+                "would write the {} byte pg_dump archive to {}",
+                data.raw_bytes,
+                path.display()
+            ),
+        ),
+        Destination::Database {
+            conn,
+            create,
+            force,
+            ..
+        } => {
+            let conn = conn.clone();
+            let major = archive_major(&m);
+            let state = blocking(move || {
+                let t = Target::connect(conn, major)?;
+                Ok(t.inspect()?)
+            })
+            .await?;
+            let db = match &req.destination {
+                Destination::Database { conn, .. } => conn.url.to_string(),
+                Destination::File(_) => unreachable!(),
+            };
+            let plan = match (state.exists, state.relations, create, force) {
+                (false, _, true, _) => "would create the database and restore into it".to_string(),
+                (false, _, false, _) => "would refuse: the database does not exist (add --create)".to_string(),
+                (true, 0, _, _) => "would restore into the existing empty database".to_string(),
+                (true, n, _, true) => format!("would REPLACE objects in the existing database ({n} relations), after confirmation"),
+                (true, n, _, false) => format!("would refuse: the database holds {n} relations (add --force to replace them)"),
+            };
+            (db, plan)
+        }
+    };
+    Ok(DryRun {
+        backup_id: m.id.to_string(),
+        database: m.database.clone(),
+        backup_started_at: m.started_at,
+        classes: m.classes.clone(),
+        stored_bytes: data.stored_bytes,
+        raw_bytes: data.raw_bytes,
+        destination,
+        identity_can_decrypt: true,
+        plan,
+    })
+}
+
+/// Runs the restore the request describes.
+pub async fn restore(
+    repo: &Repository,
+    req: Request,
+    watch: Arc<Watch>,
+    confirm: &dyn Confirm,
+) -> Result<Summary, RestoreError> {
+    let started = Instant::now();
+    let m = choose(repo, &req).await?;
+    let data = object(&m, ObjectRole::Data)?.clone();
+    tracing::info!(
+        backup = %m.id, database = %m.database, taken_at = %m.started_at,
+        stored_bytes = data.stored_bytes, raw_bytes = data.raw_bytes,
+        "restoring backup"
+    );
+    watch
+        .stored_total
+        .store(data.stored_bytes, Ordering::Relaxed);
+    let mut summary = Summary {
+        backup_id: m.id.to_string(),
+        database: m.database.clone(),
+        backup_started_at: m.started_at,
+        destination: String::new(),
+        mode: "staged",
+        jobs: req.jobs,
+        target_created: false,
+        stored_bytes: data.stored_bytes,
+        raw_bytes: data.raw_bytes,
+        seconds: Seconds::default(),
+        globals: None,
+    };
+    match &req.destination {
+        Destination::File(path) => {
+            summary.destination = path.display().to_string();
+            summary.mode = "output";
+            let (fetch, decode) = to_file(repo, &m, &data, &req, path, &watch).await?;
+            summary.seconds.fetch = fetch;
+            summary.seconds.decrypt_decompress = decode;
+        }
+        Destination::Database {
+            conn,
+            create,
+            force,
+            globals,
+            no_owner,
+        } => {
+            summary.destination = conn.url.to_string();
+            let target = {
+                let conn = conn.clone();
+                let major = archive_major(&m);
+                blocking(move || Ok(Target::connect(conn, major)?)).await?
+            };
+            let target = Arc::new(target);
+            let state = {
+                let t = target.clone();
+                blocking(move || Ok(t.inspect()?)).await?
+            };
+            let clean = check_target(&target, &state, *create, *force, confirm)?;
+            let opts = PgRestoreOptions {
+                jobs: req.jobs,
+                clean,
+                no_owner: *no_owner,
+            };
+            if req.jobs <= 1 && !state.exists {
+                summary.mode = "streamed";
+                summary.target_created = true;
+                streamed(
+                    repo,
+                    &m,
+                    &data,
+                    &req,
+                    &target,
+                    *globals,
+                    opts,
+                    &watch,
+                    &mut summary,
+                )
+                .await?;
+            } else {
+                summary.target_created = !state.exists;
+                staged(
+                    repo,
+                    &m,
+                    &data,
+                    &req,
+                    &target,
+                    *globals,
+                    opts,
+                    &watch,
+                    &mut summary,
+                )
+                .await?;
+            }
+        }
+    }
+    watch.set(Phase::Done);
+    summary.seconds.total = started.elapsed().as_secs_f64();
+    Ok(summary)
+}
+
+/// Decides whether the restore may go ahead; returns whether pg_restore must `--clean`.
+fn check_target(
+    target: &Target,
+    state: &TargetState,
+    create: bool,
+    force: bool,
+    confirm: &dyn Confirm,
+) -> Result<bool, RestoreError> {
+    let database = target.database().to_string();
+    if !state.exists {
+        return if create {
+            Ok(false)
+        } else {
+            Err(RestoreError::TargetMissing { database })
+        };
+    }
+    if state.relations == 0 {
+        return Ok(false);
+    }
+    if !force {
+        return Err(RestoreError::TargetNotEmpty {
+            database,
+            tables: state.relations,
+        });
+    }
+    if !confirm.replace_non_empty(&database, state.relations) {
+        return Err(RestoreError::NotConfirmed);
+    }
+    tracing::warn!(
+        database,
+        relations = state.relations,
+        "replacing objects in a non-empty database (--force)"
+    );
+    Ok(true)
+}
+
+async fn to_file(
+    repo: &Repository,
+    m: &Manifest,
+    data: &ObjectEntry,
+    req: &Request,
+    path: &Path,
+    watch: &Watch,
+) -> Result<(f64, f64), RestoreError> {
+    if path.exists() {
+        return Err(RestoreError::OutputExists {
+            path: path.to_owned(),
+        });
+    }
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .to_owned();
+    check_space(&dir, data.raw_bytes)?;
+    let staging_err = |source| RestoreError::Staging {
+        dir: dir.clone(),
+        source,
+    };
+    let tmp = tempfile::Builder::new()
+        .prefix(".dr-output-")
+        .tempfile_in(&dir)
+        .map_err(staging_err)?;
+    let (fetch, decode, tmp) = decode_into(repo, m, data, req, tmp, watch).await?;
+    tmp.persist_noclobber(path)
+        .map_err(|e| staging_err(e.error))?;
+    Ok((fetch, decode))
+}
+
+/// Fetches and decodes the data object into a temporary file, verified.
+async fn decode_into(
+    repo: &Repository,
+    m: &Manifest,
+    data: &ObjectEntry,
+    req: &Request,
+    tmp: tempfile::NamedTempFile,
+    watch: &Watch,
+) -> Result<(f64, f64, tempfile::NamedTempFile), RestoreError> {
+    watch.set(Phase::Fetching);
+    let start = Instant::now();
+    let clock = FetchClock::default();
+    let writer = BufWriter::with_capacity(1024 * 1024, tmp);
+    let (_, writer) = fetch_decoded(
+        repo,
+        m,
+        data,
+        req.identities.clone(),
+        writer,
+        &watch.pipeline,
+        &clock,
+    )
+    .await?;
+    let tmp = writer.into_inner().map_err(|e| RestoreError::Staging {
+        dir: req.staging_dir.clone(),
+        source: e.into_error(),
+    })?;
+    tmp.as_file()
+        .sync_all()
+        .map_err(|source| RestoreError::Staging {
+            dir: req.staging_dir.clone(),
+            source,
+        })?;
+    let decode = start.elapsed().as_secs_f64();
+    let fetch = clock
+        .done_at()
+        .map_or(decode, |t| t.duration_since(start).as_secs_f64());
+    Ok((fetch, decode, tmp))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn staged(
+    repo: &Repository,
+    m: &Manifest,
+    data: &ObjectEntry,
+    req: &Request,
+    target: &Arc<Target>,
+    with_globals: bool,
+    opts: PgRestoreOptions,
+    watch: &Arc<Watch>,
+    summary: &mut Summary,
+) -> Result<(), RestoreError> {
+    check_space(&req.staging_dir, data.raw_bytes)?;
+    let tmp = tempfile::Builder::new()
+        .prefix("dr-restore-")
+        .suffix(".dump")
+        .tempfile_in(&req.staging_dir)
+        .map_err(|source| RestoreError::Staging {
+            dir: req.staging_dir.clone(),
+            source,
+        })?;
+    tracing::info!(staging = %tmp.path().display(), "staging the verified archive before pg_restore");
+    // The archive is verified whole before the target is created or touched.
+    let (fetch, decode, tmp) = decode_into(repo, m, data, req, tmp, watch).await?;
+    summary.seconds.fetch = fetch;
+    summary.seconds.decrypt_decompress = decode;
+    if watch.pipeline.cancel.is_cancelled() {
+        return Err(RestoreError::Cancelled);
+    }
+    if summary.target_created {
+        let t = target.clone();
+        blocking(move || Ok(t.create()?)).await?;
+    }
+    if with_globals {
+        summary.globals = Some(apply_globals(repo, m, req, target, watch).await?);
+    }
+    watch.set(Phase::Restoring);
+    let started = Instant::now();
+    let path = tmp.path().to_owned();
+    let t = target.clone();
+    let w = watch.clone();
+    let result = run_pg_restore_file(t, opts, path, w).await;
+    summary.seconds.pg_restore = started.elapsed().as_secs_f64();
+    drop(tmp);
+    result
+}
+
+async fn run_pg_restore_file(
+    target: Arc<Target>,
+    opts: PgRestoreOptions,
+    path: PathBuf,
+    watch: Arc<Watch>,
+) -> Result<(), RestoreError> {
+    let cancel = watch.pipeline.cancel.clone();
+    let mut handle = tokio::task::spawn_blocking(move || {
+        let total = count_toc(&target, &path)?;
+        watch.toc_total.store(total, Ordering::Relaxed);
+        let restore = PgRestore::spawn(&target, opts, Some(&path), watch.clone())?;
+        Ok::<_, RestoreError>(restore)
+    });
+    let restore = tokio::select! {
+        r = &mut handle => r.expect("pg_restore start panicked")?,
+        _ = cancel.cancelled() => return Err(RestoreError::Cancelled),
+    };
+    let pid = restore.pid();
+    let mut wait = tokio::task::spawn_blocking(move || restore.wait());
+    tokio::select! {
+        r = &mut wait => r.expect("pg_restore wait panicked"),
+        _ = cancel.cancelled() => {
+            kill(pid);
+            let _ = wait.await;
+            Err(RestoreError::Cancelled)
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn streamed(
+    repo: &Repository,
+    m: &Manifest,
+    data: &ObjectEntry,
+    req: &Request,
+    target: &Arc<Target>,
+    with_globals: bool,
+    opts: PgRestoreOptions,
+    watch: &Arc<Watch>,
+    summary: &mut Summary,
+) -> Result<(), RestoreError> {
+    {
+        let t = target.clone();
+        blocking(move || Ok(t.create()?)).await?;
+    }
+    tracing::info!(
+        database = target.database(),
+        "streaming into a database this restore created; if anything fails it is dropped"
+    );
+    let result = async {
+        if with_globals {
+            summary.globals = Some(apply_globals(repo, m, req, target, watch).await?);
+        }
+        watch.set(Phase::Restoring);
+        let start = Instant::now();
+        let mut restore = {
+            let t = target.clone();
+            let w = watch.clone();
+            blocking(move || PgRestore::spawn(&t, opts, None, w)).await?
+        };
+        let stdin = restore.child.stdin.take().expect("piped");
+        let clock = FetchClock::default();
+        let fetched = fetch_decoded(
+            repo,
+            m,
+            data,
+            req.identities.clone(),
+            stdin,
+            &watch.pipeline,
+            &clock,
+        )
+        .await;
+        let decode = start.elapsed().as_secs_f64();
+        summary.seconds.fetch = clock
+            .done_at()
+            .map_or(decode, |t| t.duration_since(start).as_secs_f64());
+        summary.seconds.decrypt_decompress = decode;
+        match fetched {
+            Ok((_, stdin)) => {
+                drop(stdin);
+                let r = blocking(move || restore.wait()).await;
+                summary.seconds.pg_restore = start.elapsed().as_secs_f64();
+                r
+            }
+            Err(e) => {
+                kill(restore.pid());
+                let _ = blocking(move || restore.wait()).await;
+                Err(e)
+            }
+        }
+    }
+    .await;
+    if result.is_err() {
+        let t = target.clone();
+        if let Err(e) = blocking(move || Ok(t.drop_created()?)).await {
+            tracing::error!(error = %e, database = target.database(), "could not drop the database this restore created; drop it by hand");
+        }
+    }
+    result
+}
+
+async fn apply_globals(
+    repo: &Repository,
+    m: &Manifest,
+    req: &Request,
+    target: &Arc<Target>,
+    watch: &Watch,
+) -> Result<GlobalsReport, RestoreError> {
+    let entry = object(m, ObjectRole::Globals)?.clone();
+    let (_, sql) = fetch_decoded(
+        repo,
+        m,
+        &entry,
+        req.identities.clone(),
+        Vec::new(),
+        &Control {
+            cancel: watch.pipeline.cancel.clone(),
+            progress: Default::default(),
+        },
+        &FetchClock::default(),
+    )
+    .await?;
+    let t = target.clone();
+    let report = blocking(move || {
+        Ok(globals::apply(
+            &t.conn,
+            &t.tools,
+            &String::from_utf8_lossy(&sql),
+        )?)
+    })
+    .await?;
+    if !report.skipped_existing.is_empty() {
+        tracing::info!(roles = ?report.skipped_existing, "roles that already exist were left unchanged");
+    }
+    if !report.created.is_empty() {
+        tracing::info!(roles = ?report.created, "created roles from the backup");
+    }
+    for e in &report.errors {
+        tracing::warn!(error = %e, "a globals statement failed");
+    }
+    Ok(report)
+}
+
+/// Fails early, naming the sizes, when the staging disk cannot hold the archive.
+fn check_space(dir: &Path, raw_bytes: u64) -> Result<(), RestoreError> {
+    let available = free_space(dir).map_err(|source| RestoreError::Staging {
+        dir: dir.to_owned(),
+        source,
+    })?;
+    let needed = raw_bytes + STAGING_MARGIN;
+    if available < needed {
+        return Err(RestoreError::NoSpace {
+            dir: dir.to_owned(),
+            needed,
+            available,
+        });
+    }
+    Ok(())
+}
+
+fn free_space(dir: &Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::other("path contains NUL"))?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid NUL-terminated path and `st` a valid out-pointer.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
+fn kill(pid: u32) {
+    // SAFETY: plain kill(2) on a child we spawned and have not reaped yet.
+    unsafe {
+        libc::kill(pid as i32, libc::SIGTERM);
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct PgRestoreOptions {
+    jobs: usize,
+    clean: bool,
+    no_owner: bool,
+}
+
+/// A running `pg_restore`, its verbose stderr counted for progress and kept for errors.
+struct PgRestore {
+    child: Child,
+    stderr: Option<JoinHandle<Vec<String>>>,
+    secrets: Vec<String>,
+}
+
+impl PgRestore {
+    fn spawn(
+        target: &Target,
+        opts: PgRestoreOptions,
+        file: Option<&Path>,
+        watch: Arc<Watch>,
+    ) -> Result<PgRestore, RestoreError> {
+        let mut cmd = target.conn.command(&target.tools.bin("pg_restore"));
+        cmd.args(["--no-password", "--verbose"])
+            .arg(format!("--dbname={}", target.conn.url.for_argv()));
+        if opts.jobs > 1 && file.is_some() {
+            cmd.arg(format!("--jobs={}", opts.jobs));
+        }
+        if opts.clean {
+            cmd.args(["--clean", "--if-exists"]);
+        }
+        if opts.no_owner {
+            cmd.arg("--no-owner");
+        }
+        if let Some(f) = file {
+            cmd.arg(f);
+        }
+        cmd.stdin(if file.is_some() {
+            Stdio::null()
+        } else {
+            Stdio::piped()
+        })
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        let mut child = cmd.spawn().map_err(|source| ChildError::Spawn {
+            program: "pg_restore".into(),
+            source,
+        })?;
+        let stderr = child.stderr.take().expect("piped");
+        let handle = std::thread::spawn(move || {
+            let mut errors = Vec::new();
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.starts_with("pg_restore: processing item")
+                    || line.starts_with("pg_restore: creating ")
+                    || line.starts_with("pg_restore: processing data for table")
+                    || line.starts_with("pg_restore: finished item")
+                {
+                    watch.toc_done.fetch_add(1, Ordering::Relaxed);
+                } else if (line.contains("error")
+                    || line.contains("ERROR")
+                    || line.contains("FATAL"))
+                    && errors.len() < 20
+                {
+                    errors.push(line);
+                }
+            }
+            errors
+        });
+        Ok(PgRestore {
+            child,
+            stderr: Some(handle),
+            secrets: target.conn.secrets(),
+        })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn wait(mut self) -> Result<(), RestoreError> {
+        let status = self.child.wait().map_err(|source| ChildError::Spawn {
+            program: "pg_restore".into(),
+            source,
+        })?;
+        let errors = self
+            .stderr
+            .take()
+            .and_then(|h| h.join().ok())
+            .unwrap_or_default();
+        if status.success() {
+            return Ok(());
+        }
+        let refs: Vec<&str> = self.secrets.iter().map(String::as_str).collect();
+        Err(ChildError::Failed {
+            program: "pg_restore".into(),
+            status: describe_status(status),
+            stderr: dr_core::redact::scrub(&errors.join(" | "), &refs),
+        }
+        .into())
+    }
+}
+
+/// Number of entries in the archive's table of contents, for the progress bar.
+fn count_toc(target: &Target, file: &Path) -> Result<u64, RestoreError> {
+    let out = std::process::Command::new(target.tools.bin("pg_restore"))
+        .arg("--list")
+        .arg(file)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|source| ChildError::Spawn {
+            program: "pg_restore".into(),
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(ChildError::Failed {
+            program: "pg_restore --list".into(),
+            status: describe_status(out.status),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        }
+        .into());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.starts_with(';') && !l.trim().is_empty())
+        .count() as u64)
+}
