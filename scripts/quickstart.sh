@@ -80,6 +80,12 @@ echo "==> dr backup"
 echo "==> dr list"
 "$dr" list
 
+echo "==> dr verify --deep: sha256, age and zstd checks, and pg_restore reads the archive"
+"$dr" --log-format human verify --deep
+echo "==> dr restore into a new database"
+"$dr" --log-format human restore --database shop --target "postgres://postgres@127.0.0.1:$port/shop_restored" --create
+psql -d shop_restored -Atc "select 'restored orders: ' || count(*) from orders"
+
 data=$(ls "$work"/repo/quickstart/shop/backups/*/data.dump.zst.age | tail -n 1)
 if command -v age >/dev/null && command -v zstd >/dev/null; then
     echo "==> break-glass check with stock tools only: age | zstd | pg_restore -l"
