@@ -51,6 +51,8 @@ enum Command {
     List(cmd::list::Args),
     Restore(Box<cmd::restore::Args>),
     Verify(cmd::verify::Args),
+    Prune(cmd::prune::Args),
+    Status(cmd::status::Args),
     Keygen(cmd::keygen::Args),
     /// Validate the configuration and show the schedules it sets.
     #[command(subcommand)]
@@ -70,6 +72,8 @@ fn main() -> ExitCode {
             Command::List(args) => args.run(&cli.config).await,
             Command::Restore(args) => args.run(&cli.config).await,
             Command::Verify(args) => args.run(&cli.config).await,
+            Command::Prune(args) => args.run(&cli.config).await,
+            Command::Status(args) => args.run(&cli.config).await,
             Command::Keygen(args) => args.run(),
             Command::Config(c) => c.run(&cli.config),
         }

@@ -7,6 +7,7 @@
 //! - [`storage`]: the `Storage` trait, with `file://` and `s3://` backends.
 //! - [`repo`] and [`manifest`]: the repository layout and the commit record of a backup.
 //! - [`backup`]: one backup of one database, end to end.
+//! - [`retention`]: which backups to keep, and pruning the rest.
 //! - [`redact`]: keeping secrets out of logs and errors.
 
 pub mod backup;
@@ -17,4 +18,5 @@ pub mod pg;
 pub mod pipeline;
 pub mod redact;
 pub mod repo;
+pub mod retention;
 pub mod storage;

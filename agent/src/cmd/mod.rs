@@ -4,7 +4,9 @@ pub mod backup;
 pub mod config;
 pub mod keygen;
 pub mod list;
+pub mod prune;
 pub mod restore;
+pub mod status;
 pub mod verify;
 
 use std::path::Path;

@@ -1,0 +1,95 @@
+//! `dr prune`: apply retention now.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+/// Delete backups no class keeps any more, and leftovers of crashed backups.
+///
+/// A backup is kept while any of its classes' `keep` covers it; the newest backup of each
+/// class is always kept; backups of classes without a schedule are kept. Manifests go
+/// first, then data. Objects without a manifest are removed once older than a day.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Only this database (default: all configured databases).
+    #[arg(long, short)]
+    database: Option<String>,
+
+    /// List what would be deleted and why; delete nothing.
+    #[arg(long)]
+    dry_run: bool,
+
+    /// JSON for scripts: every decision with its reason.
+    #[arg(long)]
+    json: bool,
+}
+
+impl Args {
+    pub async fn run(self, config_path: &Path) -> anyhow::Result<ExitCode> {
+        let config = super::load_config(config_path)?;
+        let repo = super::open_repo(&config).await?;
+        let dbs: Vec<_> = config
+            .databases
+            .iter()
+            .filter(|d| {
+                self.database
+                    .as_deref()
+                    .is_none_or(|n| d.name.as_str() == n)
+            })
+            .collect();
+        if dbs.is_empty() {
+            anyhow::bail!(
+                "no configured database matches {}",
+                self.database.as_deref().unwrap_or("(none configured)")
+            );
+        }
+        let now = jiff::Timestamp::now();
+        let mut reports = Vec::new();
+        let mut failed = false;
+        for db in dbs {
+            match dr_core::retention::prune(&repo, db, now, self.dry_run).await {
+                Ok(r) => {
+                    failed |= !r.errors.is_empty();
+                    reports.push(r);
+                }
+                Err(e) => {
+                    failed = true;
+                    crate::print_error(&anyhow::Error::new(e).context(format!(
+                        "cannot prune database `{}`; nothing was deleted",
+                        db.name
+                    )));
+                }
+            }
+        }
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(&reports)?);
+        } else {
+            let verb = if self.dry_run {
+                "would delete"
+            } else {
+                "deleted"
+            };
+            for r in &reports {
+                for d in &r.decisions {
+                    println!(
+                        "{} {}  {}  {}",
+                        if d.keep { "keep  " } else { verb },
+                        d.backup_id,
+                        r.database,
+                        d.reason
+                    );
+                }
+                for o in &r.orphans {
+                    println!("{verb} {o}  (no manifest, older than a day)");
+                }
+                for e in &r.errors {
+                    eprintln!("error: {e}");
+                }
+            }
+        }
+        Ok(if failed {
+            ExitCode::FAILURE
+        } else {
+            ExitCode::SUCCESS
+        })
+    }
+}

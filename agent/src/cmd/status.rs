@@ -1,0 +1,183 @@
+//! `dr status`: per database, the last backup and the RPO against its objective.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::ExitCode;
+
+use comfy_table::{presets::UTF8_BORDERS_ONLY, Table};
+use dr_core::manifest::Manifest;
+use dr_core::repo::Repository;
+use jiff::Timestamp;
+use serde::Serialize;
+
+/// Show each database's last backup, current RPO against its objective, and next runs.
+///
+/// Everything comes from the repository's manifests, so this works from any host with
+/// read access and no private key. With --all-environments it shows every environment in
+/// the repository: a fleet view with no server.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Every environment in the repository, not only this config's.
+    #[arg(long)]
+    all_environments: bool,
+
+    /// JSON for scripts and monitoring.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Serialize)]
+struct Row {
+    environment: String,
+    database: String,
+    last_backup_id: Option<String>,
+    last_backup_at: Option<Timestamp>,
+    rpo_seconds: Option<i64>,
+    rpo_objective_seconds: Option<i64>,
+    /// `ok`, `breach`, `no_backup` or `no_objective`.
+    rpo_status: &'static str,
+    next_runs: Vec<String>,
+    last_drill: Option<String>,
+}
+
+impl Args {
+    pub async fn run(self, config_path: &Path) -> anyhow::Result<ExitCode> {
+        let config = super::load_config(config_path)?;
+        let repo = super::open_repo(&config).await?;
+        let now = Timestamp::now();
+        let tz = config.agent.timezone.0.clone();
+        let mut rows = Vec::new();
+
+        // This environment: every configured database, even those without a backup yet.
+        let listing = repo.list(None).await?;
+        let newest = newest_by_database(&listing.backups);
+        for db in &config.databases {
+            let last = newest.get(db.name.as_str()).copied();
+            let objective = db.rpo.as_ref().map(|d| d.seconds_at(now));
+            let mut next: Vec<jiff::Zoned> = db
+                .schedules
+                .iter()
+                .flat_map(|s| s.cron.next_runs(&now.to_zoned(tz.clone()), 1))
+                .collect();
+            next.sort();
+            rows.push(row(
+                config.environment.as_str(),
+                db.name.as_str(),
+                last,
+                objective,
+                now,
+                next.iter()
+                    .map(|z| z.strftime("%Y-%m-%d %H:%M %Z").to_string())
+                    .collect(),
+            ));
+        }
+        if self.all_environments {
+            for env in environments(&repo).await? {
+                if env == config.environment.as_str() {
+                    continue;
+                }
+                let other = Repository::new(dr_core::storage::open(&config.storage).await?, &env);
+                let listing = other.list(None).await?;
+                for (db, m) in newest_by_database(&listing.backups) {
+                    rows.push(row(&env, db, Some(m), None, now, vec![]));
+                }
+            }
+        }
+
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(&rows)?);
+        } else {
+            let mut table = Table::new();
+            table.load_preset(UTF8_BORDERS_ONLY).set_header([
+                "ENV",
+                "DATABASE",
+                "LAST BACKUP",
+                "RPO",
+                "OBJECTIVE",
+                "STATUS",
+                "NEXT RUN",
+                "LAST DRILL",
+            ]);
+            for r in &rows {
+                table.add_row(vec![
+                    r.environment.clone(),
+                    r.database.clone(),
+                    r.last_backup_id.clone().unwrap_or_else(|| "-".into()),
+                    r.rpo_seconds
+                        .map(human_duration)
+                        .unwrap_or_else(|| "-".into()),
+                    r.rpo_objective_seconds
+                        .map(human_duration)
+                        .unwrap_or_else(|| "-".into()),
+                    r.rpo_status.to_uppercase(),
+                    r.next_runs.first().cloned().unwrap_or_else(|| "-".into()),
+                    r.last_drill.clone().unwrap_or_else(|| "none yet".into()),
+                ]);
+            }
+            println!("{table}");
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+}
+
+fn row(
+    environment: &str,
+    database: &str,
+    last: Option<&Manifest>,
+    objective: Option<i64>,
+    now: Timestamp,
+    next_runs: Vec<String>,
+) -> Row {
+    let rpo = last.map(|m| now.as_second() - m.started_at.as_second());
+    let rpo_status = match (rpo, objective) {
+        (None, _) => "no_backup",
+        (Some(_), None) => "no_objective",
+        (Some(r), Some(o)) if r <= o => "ok",
+        _ => "breach",
+    };
+    Row {
+        environment: environment.to_string(),
+        database: database.to_string(),
+        last_backup_id: last.map(|m| m.id.to_string()),
+        last_backup_at: last.map(|m| m.started_at),
+        rpo_seconds: rpo,
+        rpo_objective_seconds: objective,
+        rpo_status,
+        next_runs,
+        last_drill: None,
+    }
+}
+
+fn newest_by_database(backups: &[Manifest]) -> BTreeMap<&str, &Manifest> {
+    let mut newest = BTreeMap::new();
+    for m in backups {
+        newest.insert(m.database.as_str(), m);
+    }
+    newest
+}
+
+/// Environments present in the repository: the first path segment of every manifest.
+async fn environments(repo: &Repository) -> anyhow::Result<Vec<String>> {
+    let mut envs: Vec<String> = repo
+        .storage()
+        .list("")
+        .await?
+        .into_iter()
+        .filter(|o| o.key.ends_with("/manifest.json"))
+        .filter_map(|o| o.key.split('/').next().map(str::to_string))
+        .collect();
+    envs.sort();
+    envs.dedup();
+    Ok(envs)
+}
+
+/// `3h 12m`, `2d 4h`, `45s`.
+fn human_duration(secs: i64) -> String {
+    let s = secs.max(0);
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m {}s", s / 60, s % 60),
+        3600..86400 => format!("{}h {}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d {}h", s / 86400, s % 86400 / 3600),
+    }
+}
