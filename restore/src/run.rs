@@ -168,10 +168,13 @@ async fn blocking<T: Send + 'static>(
         .expect("blocking task panicked")
 }
 
-/// Says what a restore would do, checking the key against the real object.
-pub async fn dry_run(repo: &Repository, req: &Request) -> Result<DryRun, RestoreError> {
-    let m = choose(repo, req).await?;
-    let data = object(&m, ObjectRole::Data)?.clone();
+/// Proves the identity opens the object by decrypting its first chunk (about 64 KiB).
+async fn check_key(
+    repo: &Repository,
+    m: &Manifest,
+    data: &ObjectEntry,
+    req: &Request,
+) -> Result<(), RestoreError> {
     let key = repo.object_key(&m.database, &m.id, &data.name);
     let reader = repo.storage().open_read(&key).await.map_err(|e| {
         if e.is_not_found() {
@@ -184,7 +187,7 @@ pub async fn dry_run(repo: &Repository, req: &Request) -> Result<DryRun, Restore
             e.into()
         }
     })?;
-    let expected = crate::fetch::expected(&m, &data);
+    let expected = crate::fetch::expected(m, data);
     let ids = req.identities.clone();
     let backup = m.id.to_string();
     let object_name = data.name.clone();
@@ -200,7 +203,14 @@ pub async fn dry_run(repo: &Repository, req: &Request) -> Result<DryRun, Restore
             source,
         })
     })
-    .await?;
+    .await
+}
+
+/// Says what a restore would do, checking the key against the real object.
+pub async fn dry_run(repo: &Repository, req: &Request) -> Result<DryRun, RestoreError> {
+    let m = choose(repo, req).await?;
+    let data = object(&m, ObjectRole::Data)?.clone();
+    check_key(repo, &m, &data, req).await?;
 
     let (destination, plan) = match &req.destination {
         Destination::File(path) => (
@@ -504,7 +514,18 @@ async fn staged(
     let result = run_pg_restore_file(t, opts, path, w).await;
     summary.seconds.pg_restore = started.elapsed().as_secs_f64();
     drop(tmp);
+    if result.is_err() && summary.target_created {
+        drop_created(target).await;
+    }
     result
+}
+
+/// Drops a database this restore created, after a failure, so no half-restore remains.
+async fn drop_created(target: &Arc<Target>) {
+    let t = target.clone();
+    if let Err(e) = blocking(move || Ok(t.drop_created()?)).await {
+        tracing::error!(error = %e, database = target.database(), "could not drop the database this restore created; drop it by hand");
+    }
 }
 
 async fn run_pg_restore_file(
@@ -548,6 +569,8 @@ async fn streamed(
     watch: &Arc<Watch>,
     summary: &mut Summary,
 ) -> Result<(), RestoreError> {
+    // A wrong key is found before anything is created.
+    check_key(repo, m, data, req).await?;
     {
         let t = target.clone();
         blocking(move || Ok(t.create()?)).await?;
@@ -600,10 +623,7 @@ async fn streamed(
     }
     .await;
     if result.is_err() {
-        let t = target.clone();
-        if let Err(e) = blocking(move || Ok(t.drop_created()?)).await {
-            tracing::error!(error = %e, database = target.database(), "could not drop the database this restore created; drop it by hand");
-        }
+        drop_created(target).await;
     }
     result
 }
