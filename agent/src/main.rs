@@ -4,6 +4,7 @@
 //! itself. The work itself is in the library crates (`dr-core`, `dr-restore`, `dr-drills`).
 
 mod cmd;
+mod daemon;
 mod logging;
 
 use std::path::PathBuf;
@@ -52,6 +53,10 @@ enum Command {
     Restore(Box<cmd::restore::Args>),
     Verify(cmd::verify::Args),
     Prune(cmd::prune::Args),
+    Agent(cmd::agent::Args),
+    /// Webhook notifications.
+    #[command(subcommand)]
+    Notify(cmd::notify::Command),
     Status(cmd::status::Args),
     Keygen(cmd::keygen::Args),
     /// Validate the configuration and show the schedules it sets.
@@ -73,6 +78,8 @@ fn main() -> ExitCode {
             Command::Restore(args) => args.run(&cli.config).await,
             Command::Verify(args) => args.run(&cli.config).await,
             Command::Prune(args) => args.run(&cli.config).await,
+            Command::Agent(args) => args.run(&cli.config).await,
+            Command::Notify(c) => c.run(&cli.config).await,
             Command::Status(args) => args.run(&cli.config).await,
             Command::Keygen(args) => args.run(),
             Command::Config(c) => c.run(&cli.config),

@@ -48,6 +48,40 @@ pub struct Config {
     pub agent: AgentConfig,
     #[serde(default)]
     pub databases: Vec<DatabaseConfig>,
+    /// Webhooks told about failures and RPO breaches.
+    #[serde(default)]
+    pub notify: Vec<NotifyConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NotifyConfig {
+    /// The webhook URL; treat it as a secret (Slack's carry a token), it is never logged.
+    pub url: String,
+    #[serde(default)]
+    pub format: NotifyFormat,
+    /// Which events to send (default: all).
+    pub events: Option<Vec<NotifyEvent>>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NotifyFormat {
+    /// A JSON object with the event's fields.
+    #[default]
+    Json,
+    /// `{"text": "..."}`, accepted by Slack, Mattermost and Rocket.Chat incoming webhooks.
+    Slack,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NotifyEvent {
+    BackupFailed,
+    RpoBreach,
+    RpoRecovered,
+    DrillFailed,
+    Test,
 }
 
 #[derive(Debug, Deserialize)]
@@ -113,6 +147,19 @@ pub struct AgentConfig {
     /// IANA time zone the cron schedules are read in.
     #[serde(default = "default_timezone")]
     pub timezone: TimeZone,
+    /// Address of the HTTP endpoints `/healthz` and `/metrics`.
+    #[serde(default = "default_listen")]
+    pub listen: std::net::SocketAddr,
+    /// Backups of different databases that may run at once.
+    #[serde(default = "default_max_jobs")]
+    pub max_concurrent_jobs: usize,
+}
+
+fn default_listen() -> std::net::SocketAddr {
+    ([127, 0, 0, 1], 9847).into()
+}
+fn default_max_jobs() -> usize {
+    2
 }
 
 fn default_timezone() -> TimeZone {
@@ -123,6 +170,8 @@ impl Default for AgentConfig {
     fn default() -> Self {
         Self {
             timezone: default_timezone(),
+            listen: default_listen(),
+            max_concurrent_jobs: default_max_jobs(),
         }
     }
 }
@@ -190,6 +239,19 @@ impl Config {
             return Err(invalid(
                 "[encryption] sets both `recipients` and `recipients_file`; keep one".into(),
             ));
+        }
+        if !(1..=64).contains(&self.agent.max_concurrent_jobs) {
+            return Err(invalid(format!(
+                "[agent] max_concurrent_jobs = {} is out of range (1 to 64)",
+                self.agent.max_concurrent_jobs
+            )));
+        }
+        for n in &self.notify {
+            if !(n.url.starts_with("http://") || n.url.starts_with("https://")) {
+                return Err(invalid(
+                    "[[notify]] url must start with http:// or https://".to_string(),
+                ));
+            }
         }
         if !(1..=22).contains(&self.compression.level) {
             return Err(invalid(format!(
@@ -363,6 +425,11 @@ impl CronExpr {
 
     pub fn as_str(&self) -> &str {
         &self.text
+    }
+
+    /// The last time this schedule fired at or before `at`.
+    pub fn previous_run(&self, at: &Zoned) -> Option<Zoned> {
+        self.cron.find_previous_occurrence(at, true).ok()
     }
 }
 

@@ -1,9 +1,11 @@
 //! One file per subcommand, each parsing and applying itself.
 
+pub mod agent;
 pub mod backup;
 pub mod config;
 pub mod keygen;
 pub mod list;
+pub mod notify;
 pub mod prune;
 pub mod restore;
 pub mod status;

@@ -284,6 +284,14 @@ mod tests {
                 .insert(key.into(), data.to_vec());
             Ok(())
         }
+        async fn put_if_absent(&self, key: &str, data: Bytes) -> Result<bool, StorageError> {
+            let mut objects = self.objects.lock().unwrap();
+            if objects.contains_key(key) {
+                return Ok(false);
+            }
+            objects.insert(key.into(), data.to_vec());
+            Ok(true)
+        }
         async fn get(&self, key: &str) -> Result<Bytes, StorageError> {
             self.objects
                 .lock()

@@ -99,6 +99,26 @@ impl Storage for FileStorage {
         Ok(())
     }
 
+    async fn put_if_absent(&self, key: &str, data: Bytes) -> Result<bool, StorageError> {
+        let path = self.path(key);
+        self.create_parent(key, &path).await?;
+        let tmp = partial_path(&path);
+        let write = async {
+            let mut f = tokio::fs::File::create(&tmp).await?;
+            f.write_all(&data).await?;
+            f.sync_all().await?;
+            // link(2) fails if the name exists: an atomic create-if-absent on local disks.
+            tokio::fs::hard_link(&tmp, &path).await
+        };
+        let result = write.await;
+        let _ = tokio::fs::remove_file(&tmp).await;
+        match result {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(self.failed("write", key, &path, e)),
+        }
+    }
+
     async fn get(&self, key: &str) -> Result<Bytes, StorageError> {
         let path = self.path(key);
         tokio::fs::read(&path)

@@ -53,6 +53,11 @@ pub trait Storage: Send + Sync + fmt::Debug {
     /// Writes a small object whole (manifests, reports). Readers never see it half-written.
     async fn put(&self, key: &str, data: Bytes) -> Result<(), StorageError>;
 
+    /// Writes a small object only if `key` does not exist; `Ok(false)` when it did.
+    /// Stores that ignore conditional writes (Garage) overwrite instead: callers that need
+    /// exclusivity read the object back (see the agent's lock).
+    async fn put_if_absent(&self, key: &str, data: Bytes) -> Result<bool, StorageError>;
+
     /// Reads a small object whole.
     async fn get(&self, key: &str) -> Result<Bytes, StorageError>;
 

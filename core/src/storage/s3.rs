@@ -195,6 +195,31 @@ impl Storage for S3Storage {
         Ok(())
     }
 
+    async fn put_if_absent(&self, key: &str, data: Bytes) -> Result<bool, StorageError> {
+        let sent = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(self.full_key(key))
+            .if_none_match("*")
+            .body(ByteStream::from(data))
+            .send()
+            .await;
+        match sent {
+            Ok(_) => Ok(true),
+            Err(e)
+                if matches!(
+                    e.code(),
+                    Some("PreconditionFailed") | Some("ConditionalRequestConflict")
+                ) =>
+            {
+                Ok(false)
+            }
+            Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 412) => Ok(false),
+            Err(e) => Err(self.error("put", key, e)),
+        }
+    }
+
     async fn get(&self, key: &str) -> Result<Bytes, StorageError> {
         let out = self
             .client

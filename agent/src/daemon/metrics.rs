@@ -1,0 +1,129 @@
+//! Prometheus metrics, in one explicit registry (no global recorder: tests get their own).
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+
+type FloatGauge = Gauge<f64, AtomicU64>;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Db {
+    pub environment: String,
+    pub database: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DbClass {
+    pub environment: String,
+    pub database: String,
+    pub class: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DbStage {
+    pub environment: String,
+    pub database: String,
+    pub stage: String,
+}
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub last_success: Family<DbClass, FloatGauge>,
+    pub duration: Family<Db, FloatGauge>,
+    pub size: Family<DbStage, Gauge>,
+    pub failures: Family<Db, Counter>,
+    pub rpo: Family<Db, FloatGauge>,
+    pub rpo_objective: Family<Db, FloatGauge>,
+    pub drill_last_success: Family<Db, FloatGauge>,
+    pub drill_rto: Family<Db, FloatGauge>,
+    pub rto_objective: Family<Db, FloatGauge>,
+    pub drill_failures: Family<Db, Counter>,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::default();
+        let m = Metrics {
+            last_success: Family::default(),
+            duration: Family::default(),
+            size: Family::default(),
+            failures: Family::default(),
+            rpo: Family::default(),
+            rpo_objective: Family::default(),
+            drill_last_success: Family::default(),
+            drill_rto: Family::default(),
+            rto_objective: Family::default(),
+            drill_failures: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "dr_backup_last_success_timestamp_seconds",
+            "Start time of the newest good backup of each class",
+            m.last_success.clone(),
+        );
+        registry.register(
+            "dr_backup_duration_seconds",
+            "Duration of the last backup run",
+            m.duration.clone(),
+        );
+        registry.register(
+            "dr_backup_size_bytes",
+            "Size of the last backup: raw (pg_dump output) and stored",
+            m.size.clone(),
+        );
+        registry.register(
+            "dr_backup_failures",
+            "Backup runs that failed",
+            m.failures.clone(),
+        );
+        registry.register(
+            "dr_rpo_seconds",
+            "Age of the newest good backup (current recovery point objective reached)",
+            m.rpo.clone(),
+        );
+        registry.register(
+            "dr_rpo_objective_seconds",
+            "Configured recovery point objective",
+            m.rpo_objective.clone(),
+        );
+        registry.register(
+            "dr_drill_last_success_timestamp_seconds",
+            "End time of the last successful restore drill",
+            m.drill_last_success.clone(),
+        );
+        registry.register(
+            "dr_drill_rto_seconds",
+            "Measured recovery time of the last drill",
+            m.drill_rto.clone(),
+        );
+        registry.register(
+            "dr_rto_objective_seconds",
+            "Configured recovery time objective",
+            m.rto_objective.clone(),
+        );
+        registry.register(
+            "dr_drill_failures",
+            "Restore drills that failed",
+            m.drill_failures.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+pub fn db(environment: &str, database: &str) -> Db {
+    Db {
+        environment: environment.to_string(),
+        database: database.to_string(),
+    }
+}
