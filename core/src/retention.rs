@@ -110,7 +110,10 @@ pub fn orphans(
     keys.iter()
         .filter(|o| {
             let parts: Vec<&str> = o.key.split('/').collect();
-            parts.len() == 5 && parts[2] == "backups" && !committed.contains(parts[3])
+            let uncommitted =
+                parts.len() == 5 && parts[2] == "backups" && !committed.contains(parts[3]);
+            // A temporary file from a crashed write is a leftover even in a committed backup.
+            uncommitted || o.key.contains(crate::storage::file::PARTIAL_MARKER)
         })
         .filter(|o| {
             o.modified
@@ -127,6 +130,8 @@ pub struct PruneReport {
     pub decisions: Vec<Decision>,
     /// Leftover objects of crashed backups (no manifest, older than a day).
     pub orphans: Vec<String>,
+    /// Multipart uploads a crash left open, older than a day.
+    pub stale_uploads: Vec<String>,
     pub dry_run: bool,
     /// Deletions that failed; the rest went ahead.
     pub errors: Vec<String>,
@@ -159,10 +164,21 @@ pub async fn prune(
     let committed: BTreeSet<String> = listing.backups.iter().map(|m| m.id.to_string()).collect();
     let prefix = format!("{}/{database}/backups/", repo.environment());
     let orphans = orphans(&repo.storage().list(&prefix).await?, &committed, now);
+    let stale: Vec<crate::storage::PendingUpload> = repo
+        .storage()
+        .pending_uploads(&prefix)
+        .await?
+        .into_iter()
+        .filter(|u| {
+            u.initiated
+                .is_some_and(|t| now.as_second() - t.as_second() > ORPHAN_GRACE_SECONDS)
+        })
+        .collect();
     let mut report = PruneReport {
         database: database.to_string(),
         decisions,
         orphans,
+        stale_uploads: stale.iter().map(|u| u.key.clone()).collect(),
         dry_run,
         errors: Vec::new(),
     };
@@ -179,6 +195,14 @@ pub async fn prune(
     for key in &report.orphans {
         match repo.storage().delete(key).await {
             Ok(()) => tracing::info!(key, "removed an object no manifest refers to"),
+            Err(e) => report.errors.push(e.to_string()),
+        }
+    }
+    for upload in &stale {
+        match repo.storage().abort_pending(upload).await {
+            Ok(()) => {
+                tracing::info!(key = %upload.key, "aborted a multipart upload a crash left open")
+            }
             Err(e) => report.errors.push(e.to_string()),
         }
     }
@@ -311,11 +335,18 @@ mod tests {
                 "e/app/backups/C/data.dump.zst.age.partial-1",
                 "2026-11-23T11:00:00Z",
             ),
+            obj(
+                "e/app/backups/A/manifest.json.partial-2",
+                "2026-11-20T00:00:00Z",
+            ),
         ];
         let committed = BTreeSet::from(["A".to_string()]);
         assert_eq!(
             orphans(&keys, &committed, now),
-            vec!["e/app/backups/B/data.dump.zst.age".to_string()]
+            vec![
+                "e/app/backups/B/data.dump.zst.age".to_string(),
+                "e/app/backups/A/manifest.json.partial-2".to_string()
+            ]
         );
     }
 }

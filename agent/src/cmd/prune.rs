@@ -81,6 +81,14 @@ impl Args {
                 for o in &r.orphans {
                     println!("{verb} {o}  (no manifest, older than a day)");
                 }
+                for u in &r.stale_uploads {
+                    let verb = if self.dry_run {
+                        "would abort"
+                    } else {
+                        "aborted"
+                    };
+                    println!("{verb} upload {u}  (left open by a crash, older than a day)");
+                }
                 for e in &r.errors {
                     eprintln!("error: {e}");
                 }

@@ -72,6 +72,17 @@ pub trait Storage: Send + Sync + fmt::Debug {
 
     async fn delete(&self, key: &str) -> Result<(), StorageError>;
 
+    /// Multipart uploads started under `prefix` and never completed or aborted (a crash).
+    /// Stores without multipart uploads have none: their leftovers are ordinary files.
+    async fn pending_uploads(&self, _prefix: &str) -> Result<Vec<PendingUpload>, StorageError> {
+        Ok(Vec::new())
+    }
+
+    /// Aborts one upload found by `pending_uploads`.
+    async fn abort_pending(&self, _upload: &PendingUpload) -> Result<(), StorageError> {
+        Ok(())
+    }
+
     /// Starts a streamed upload; nothing is visible under `key` until `complete`.
     async fn start_upload(&self, key: &str) -> Result<Box<dyn Upload>, StorageError>;
 }
@@ -86,6 +97,14 @@ pub trait Upload: Send {
 
     /// Discards everything uploaded so far.
     async fn abort(self: Box<Self>) -> Result<(), StorageError>;
+}
+
+/// An upload left behind by a crash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingUpload {
+    pub key: String,
+    pub upload_id: String,
+    pub initiated: Option<jiff::Timestamp>,
 }
 
 /// `file:///path` or `s3://bucket/prefix`, validated at config load.

@@ -299,6 +299,68 @@ impl Storage for S3Storage {
         Ok(())
     }
 
+    async fn pending_uploads(
+        &self,
+        prefix: &str,
+    ) -> Result<Vec<super::PendingUpload>, StorageError> {
+        let strip = if self.prefix.is_empty() {
+            0
+        } else {
+            self.prefix.len() + 1
+        };
+        let mut out = Vec::new();
+        let mut key_marker: Option<String> = None;
+        let mut id_marker: Option<String> = None;
+        loop {
+            let page = self
+                .client
+                .list_multipart_uploads()
+                .bucket(&self.bucket)
+                .prefix(self.full_key(prefix))
+                .set_key_marker(key_marker.clone())
+                .set_upload_id_marker(id_marker.clone())
+                .send()
+                .await
+                .map_err(|e| self.error("list uploads under", prefix, e))?;
+            for u in page.uploads() {
+                let (Some(key), Some(id)) = (u.key(), u.upload_id()) else {
+                    continue;
+                };
+                if key.len() < strip {
+                    continue;
+                }
+                out.push(super::PendingUpload {
+                    key: key[strip..].to_string(),
+                    upload_id: id.to_string(),
+                    initiated: u
+                        .initiated()
+                        .and_then(|t| jiff::Timestamp::from_second(t.secs()).ok()),
+                });
+            }
+            if page.is_truncated() != Some(true) {
+                break;
+            }
+            key_marker = page.next_key_marker().map(str::to_string);
+            id_marker = page.next_upload_id_marker().map(str::to_string);
+            if key_marker.is_none() {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    async fn abort_pending(&self, upload: &super::PendingUpload) -> Result<(), StorageError> {
+        self.client
+            .abort_multipart_upload()
+            .bucket(&self.bucket)
+            .key(self.full_key(&upload.key))
+            .upload_id(&upload.upload_id)
+            .send()
+            .await
+            .map_err(|e| self.error("abort upload of", &upload.key, e))?;
+        Ok(())
+    }
+
     async fn start_upload(&self, key: &str) -> Result<Box<dyn Upload>, StorageError> {
         let out = self
             .client
