@@ -15,7 +15,8 @@ use crate::pg::{Connection, PgError, PgTools, ServerVersion};
 use crate::pipeline::child::ChildError;
 use crate::pipeline::encode::EncodeOptions;
 use crate::pipeline::{self, Control, PipelineError, Stored};
-use crate::repo::{Repository, DATA_OBJECT, GLOBALS_OBJECT};
+use crate::repo::{Repository, DATA_OBJECT, GLOBALS_OBJECT, ROW_COUNTS_OBJECT};
+use crate::snapshot::SnapshotSession;
 use crate::storage::StorageError;
 
 #[derive(Debug, thiserror::Error)]
@@ -80,10 +81,31 @@ pub async fn run(
         "backup started"
     );
 
+    // With drills configured, a held snapshot lets the dump and exact row counts see the
+    // same data; the counts run concurrently with the dump.
+    let session = match &db.drill {
+        Some(_) => {
+            let (c, t) = (conn.clone(), tools.clone());
+            Some(
+                tokio::task::spawn_blocking(move || SnapshotSession::open(&c, &t))
+                    .await
+                    .expect("snapshot session panicked")?,
+            )
+        }
+        None => None,
+    };
+    let snapshot_id = session.as_ref().map(|s| s.id.clone());
+    let counting = session.map(|mut s| {
+        tokio::task::spawn_blocking(move || {
+            let counts = s.row_counts();
+            (s, counts)
+        })
+    });
+
     let storage = repo.storage();
     let data_key = repo.object_key(database, &id, DATA_OBJECT);
     let data = pipeline::encrypt_to_storage(
-        conn.spawn_pg_dump(&tools)?,
+        conn.spawn_pg_dump(&tools, snapshot_id.as_deref())?,
         pipeline::PG_DUMP_CUSTOM,
         storage,
         &data_key,
@@ -96,6 +118,22 @@ pub async fn run(
         what: "the database dump (pg_dump)",
         source,
     })?;
+
+    // The snapshot may only be released once pg_dump has finished with it.
+    let row_counts = match counting {
+        Some(task) => {
+            let (session, counts) = task.await.expect("row counting panicked");
+            let _ = session.close();
+            match counts {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not count rows; drills of this backup will skip the row-count check");
+                    None
+                }
+            }
+        }
+        None => None,
+    };
 
     let globals_key = repo.object_key(database, &id, GLOBALS_OBJECT);
     let globals = match dump_globals(
@@ -116,6 +154,51 @@ pub async fn run(
         }
     };
 
+    let counts_key = repo.object_key(database, &id, ROW_COUNTS_OBJECT);
+    let counts = match &row_counts {
+        Some(c) => {
+            let json = serde_json::to_vec(c).expect("counts serialize");
+            let put =
+                pipeline::encrypt_bytes_to_storage(&json, storage, &counts_key, &recipients, opts);
+            match put.await {
+                Ok(s) => Some(s),
+                Err(source) => {
+                    discard(repo, &[&data_key, &globals_key]).await;
+                    return Err(BackupError::Pipeline {
+                        what: "the row counts",
+                        source,
+                    });
+                }
+            }
+        }
+        None => None,
+    };
+
+    let mut objects = vec![
+        entry(
+            ObjectRole::Data,
+            DATA_OBJECT,
+            "pg_dump-custom",
+            &data,
+            false,
+        ),
+        entry(
+            ObjectRole::Globals,
+            GLOBALS_OBJECT,
+            "sql",
+            &globals.0,
+            globals.1,
+        ),
+    ];
+    if let Some(c) = &counts {
+        objects.push(entry(
+            ObjectRole::RowCounts,
+            ROW_COUNTS_OBJECT,
+            "json",
+            c,
+            false,
+        ));
+    }
     let manifest = Manifest {
         format: FORMAT_VERSION,
         id,
@@ -136,25 +219,10 @@ pub async fn run(
             algorithm: "age".into(),
             recipients: recipients.to_strings(),
         },
-        objects: vec![
-            entry(
-                ObjectRole::Data,
-                DATA_OBJECT,
-                "pg_dump-custom",
-                &data,
-                false,
-            ),
-            entry(
-                ObjectRole::Globals,
-                GLOBALS_OBJECT,
-                "sql",
-                &globals.0,
-                globals.1,
-            ),
-        ],
+        objects,
     };
     if let Err(e) = repo.commit(&manifest).await {
-        discard(repo, &[&data_key, &globals_key]).await;
+        discard(repo, &[&data_key, &globals_key, &counts_key]).await;
         return Err(BackupError::Commit(e));
     }
     let secs = clock.elapsed().as_secs_f64();

@@ -187,6 +187,71 @@ pub struct DatabaseConfig {
     pub rto: Option<Duration>,
     #[serde(default)]
     pub schedules: Vec<ScheduleConfig>,
+    /// Restore drills; also makes backups record exact row counts for them.
+    pub drill: Option<DrillConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DrillConfig {
+    pub cron: Option<CronExpr>,
+    /// `ephemeral` (a throwaway local cluster) or a scratch server's URL.
+    #[serde(default = "default_drill_target")]
+    pub target: DrillTarget,
+    /// SQL expressions that must return true on the restored database.
+    #[serde(default)]
+    pub checks: Vec<String>,
+    #[serde(default)]
+    pub sample: DrillSample,
+    /// How many recent backups `random-recent` picks from.
+    #[serde(default = "default_sample_size")]
+    pub sample_size: usize,
+    /// Allow a scratch server that is the backed-up server itself (drills still only touch
+    /// databases they created).
+    #[serde(default)]
+    pub allow_same_server: bool,
+    /// Unprivileged user an ephemeral cluster runs as when dr runs as root.
+    #[serde(default = "default_run_as")]
+    pub run_as: String,
+    /// A file holding the scratch server's password.
+    pub password_file: Option<PathBuf>,
+}
+
+fn default_drill_target() -> DrillTarget {
+    DrillTarget::Ephemeral
+}
+fn default_sample_size() -> usize {
+    5
+}
+fn default_run_as() -> String {
+    "postgres".into()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(try_from = "String")]
+pub enum DrillTarget {
+    Ephemeral,
+    Server(ConnUrl),
+}
+
+impl TryFrom<String> for DrillTarget {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        if s == "ephemeral" {
+            return Ok(DrillTarget::Ephemeral);
+        }
+        ConnUrl::try_from(s)
+            .map(DrillTarget::Server)
+            .map_err(|e| format!("drill target must be \"ephemeral\" or a postgres:// URL: {e}"))
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DrillSample {
+    #[default]
+    Latest,
+    RandomRecent,
 }
 
 #[derive(Debug, Deserialize)]

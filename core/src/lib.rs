@@ -8,6 +8,7 @@
 //! - [`repo`] and [`manifest`]: the repository layout and the commit record of a backup.
 //! - [`backup`]: one backup of one database, end to end.
 //! - [`retention`]: which backups to keep, and pruning the rest.
+//! - [`snapshot`]: a held snapshot for `pg_dump --snapshot` and exact row counts.
 //! - [`redact`]: keeping secrets out of logs and errors.
 
 pub mod backup;
@@ -19,4 +20,5 @@ pub mod pipeline;
 pub mod redact;
 pub mod repo;
 pub mod retention;
+pub mod snapshot;
 pub mod storage;

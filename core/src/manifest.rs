@@ -59,6 +59,8 @@ pub enum ObjectRole {
     Data,
     /// Roles and tablespaces: `pg_dumpall --globals-only` SQL.
     Globals,
+    /// Exact row count of every table in the dump's snapshot (JSON), for drills.
+    RowCounts,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -272,10 +272,18 @@ impl Connection {
     }
 
     /// Starts `pg_dump` in custom format without compression: zstd does that better, later.
-    pub fn spawn_pg_dump(&self, tools: &PgTools) -> Result<ChildSource, PgError> {
+    /// With `snapshot`, dumps exactly what an exported snapshot sees.
+    pub fn spawn_pg_dump(
+        &self,
+        tools: &PgTools,
+        snapshot: Option<&str>,
+    ) -> Result<ChildSource, PgError> {
         let mut cmd = self.command(&tools.bin("pg_dump"));
         cmd.args(["--format=custom", "--compress=0", "--no-password"])
             .arg(format!("--dbname={}", self.url.for_argv()));
+        if let Some(id) = snapshot {
+            cmd.arg(format!("--snapshot={id}"));
+        }
         Ok(ChildSource::spawn("pg_dump", cmd, self.secrets())?)
     }
 

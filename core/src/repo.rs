@@ -18,6 +18,7 @@ use crate::storage::{Storage, StorageError};
 pub const MANIFEST: &str = "manifest.json";
 pub const DATA_OBJECT: &str = "data.dump.zst.age";
 pub const GLOBALS_OBJECT: &str = "globals.sql.zst.age";
+pub const ROW_COUNTS_OBJECT: &str = "rowcounts.json.zst.age";
 
 #[derive(Debug, thiserror::Error)]
 pub enum RepoError {

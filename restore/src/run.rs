@@ -148,6 +148,7 @@ fn object(m: &Manifest, role: ObjectRole) -> Result<&ObjectEntry, RestoreError> 
         role: match role {
             ObjectRole::Data => "data",
             ObjectRole::Globals => "globals",
+            ObjectRole::RowCounts => "row counts",
         },
     })
 }

@@ -175,6 +175,27 @@ pub async fn encrypt_to_storage(
     Err(failure)
 }
 
+/// Encrypts a small in-memory object (row counts, reports) through the same stages and
+/// stores it whole.
+pub async fn encrypt_bytes_to_storage(
+    data: &[u8],
+    storage: &dyn Storage,
+    key: &str,
+    recipients: &Recipients,
+    opts: EncodeOptions,
+) -> Result<Stored, PipelineError> {
+    let mut enc = Encoder::new(HashWriter::new(Vec::new()), recipients, opts)
+        .map_err(PipelineError::Encode)?;
+    enc.write_all(data).map_err(PipelineError::Encode)?;
+    let (stored, sha256, stored_bytes) = enc.finish().map_err(PipelineError::Encode)?.finish();
+    storage.put(key, Bytes::from(stored)).await?;
+    Ok(Stored {
+        raw_bytes: data.len() as u64,
+        stored_bytes,
+        sha256,
+    })
+}
+
 fn encode_source(
     mut source: ChildSource,
     expect: Expect,
