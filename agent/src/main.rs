@@ -54,6 +54,8 @@ enum Command {
     Verify(cmd::verify::Args),
     Prune(cmd::prune::Args),
     Agent(cmd::agent::Args),
+    Drill(cmd::drill::Args),
+    Demo(cmd::demo::Args),
     /// Webhook notifications.
     #[command(subcommand)]
     Notify(cmd::notify::Command),
@@ -79,6 +81,8 @@ fn main() -> ExitCode {
             Command::Verify(args) => args.run(&cli.config).await,
             Command::Prune(args) => args.run(&cli.config).await,
             Command::Agent(args) => args.run(&cli.config).await,
+            Command::Drill(args) => args.run(&cli.config).await,
+            Command::Demo(args) => args.run().await,
             Command::Notify(c) => c.run(&cli.config).await,
             Command::Status(args) => args.run(&cli.config).await,
             Command::Keygen(args) => args.run(),

@@ -48,6 +48,8 @@ pub enum Destination {
         force: bool,
         globals: bool,
         no_owner: bool,
+        /// Skip GRANT/REVOKE (for a scratch server without the original roles).
+        no_acl: bool,
     },
     /// The decrypted, decompressed pg_dump archive, for manual use.
     File(PathBuf),
@@ -307,6 +309,7 @@ pub async fn restore(
             force,
             globals,
             no_owner,
+            no_acl,
         } => {
             summary.destination = conn.url.to_string();
             let target = {
@@ -324,6 +327,7 @@ pub async fn restore(
                 jobs: req.jobs,
                 clean,
                 no_owner: *no_owner,
+                no_acl: *no_acl,
             };
             if req.jobs <= 1 && !state.exists {
                 summary.mode = "streamed";
@@ -712,6 +716,7 @@ struct PgRestoreOptions {
     jobs: usize,
     clean: bool,
     no_owner: bool,
+    no_acl: bool,
 }
 
 /// A running `pg_restore`, its verbose stderr counted for progress and kept for errors.
@@ -739,6 +744,9 @@ impl PgRestore {
         }
         if opts.no_owner {
             cmd.arg("--no-owner");
+        }
+        if opts.no_acl {
+            cmd.arg("--no-acl");
         }
         if let Some(f) = file {
             cmd.arg(f);

@@ -3,6 +3,8 @@
 pub mod agent;
 pub mod backup;
 pub mod config;
+pub mod demo;
+pub mod drill;
 pub mod keygen;
 pub mod list;
 pub mod notify;

@@ -77,6 +77,10 @@ pub struct Args {
     #[arg(long, requires = "target")]
     no_owner: bool,
 
+    /// Do not restore privileges (GRANT/REVOKE), for a server without the original roles.
+    #[arg(long, requires = "target")]
+    no_acl: bool,
+
     /// Parallel pg_restore jobs (default: number of cores). 1 streams without staging.
     #[arg(long, short)]
     jobs: Option<usize>,
@@ -142,6 +146,7 @@ impl Args {
                     force: self.force,
                     globals: self.globals,
                     no_owner: self.no_owner,
+                    no_acl: self.no_acl,
                 }
             }
             (None, Some(path)) => Destination::File(path.clone()),

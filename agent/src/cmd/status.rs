@@ -37,10 +37,40 @@ struct Row {
     /// `ok`, `breach`, `no_backup` or `no_objective`.
     rpo_status: &'static str,
     next_runs: Vec<String>,
-    last_drill: Option<String>,
+    last_drill: Option<LastDrill>,
+}
+
+#[derive(Serialize)]
+struct LastDrill {
+    id: String,
+    at: Timestamp,
+    passed: bool,
+    rto_seconds: f64,
+    rto_objective_seconds: Option<f64>,
+    rto_breached: bool,
+}
+
+impl LastDrill {
+    fn describe(&self) -> String {
+        format!(
+            "{} {}, RTO {:.1} s{}",
+            self.at.strftime("%Y-%m-%d %H:%M"),
+            if self.passed { "passed" } else { "FAILED" },
+            self.rto_seconds,
+            if self.rto_breached { " BREACH" } else { "" }
+        )
+    }
 }
 
 impl Args {
+    /// The human view of this config's environment, as `dr demo` shows it.
+    pub fn for_demo() -> Args {
+        Args {
+            all_environments: false,
+            json: false,
+        }
+    }
+
     pub async fn run(self, config_path: &Path) -> anyhow::Result<ExitCode> {
         let config = super::load_config(config_path)?;
         let repo = super::open_repo(&config).await?;
@@ -60,7 +90,7 @@ impl Args {
                 .flat_map(|s| s.cron.next_runs(&now.to_zoned(tz.clone()), 1))
                 .collect();
             next.sort();
-            rows.push(row(
+            let mut r = row(
                 config.environment.as_str(),
                 db.name.as_str(),
                 last,
@@ -69,7 +99,9 @@ impl Args {
                 next.iter()
                     .map(|z| z.strftime("%Y-%m-%d %H:%M %Z").to_string())
                     .collect(),
-            ));
+            );
+            r.last_drill = last_drill(&repo, db.name.as_str()).await;
+            rows.push(r);
         }
         if self.all_environments {
             for env in environments(&repo).await? {
@@ -111,7 +143,9 @@ impl Args {
                         .unwrap_or_else(|| "-".into()),
                     r.rpo_status.to_uppercase(),
                     r.next_runs.first().cloned().unwrap_or_else(|| "-".into()),
-                    r.last_drill.clone().unwrap_or_else(|| "none yet".into()),
+                    r.last_drill
+                        .as_ref()
+                        .map_or_else(|| "none yet".into(), LastDrill::describe),
                 ]);
             }
             println!("{table}");
@@ -146,6 +180,21 @@ fn row(
         next_runs,
         last_drill: None,
     }
+}
+
+async fn last_drill(repo: &Repository, database: &str) -> Option<LastDrill> {
+    let reports = dr_drills::report::history(repo, Some(database))
+        .await
+        .ok()?;
+    let r = reports.last()?;
+    Some(LastDrill {
+        id: r.id.clone(),
+        at: r.finished_at,
+        passed: r.passed,
+        rto_seconds: r.rto_seconds,
+        rto_objective_seconds: r.rto_objective_seconds,
+        rto_breached: r.rto_breached,
+    })
 }
 
 fn newest_by_database(backups: &[Manifest]) -> BTreeMap<&str, &Manifest> {

@@ -297,3 +297,117 @@ pub fn update_rpo(shared: &Shared) {
         }
     }
 }
+
+/// Runs `[databases.drill] cron` drills, records their metrics and notifies failures.
+pub async fn drill_loop(shared: Arc<Shared>, name: String, stop: CancellationToken) {
+    let config = shared.config.clone();
+    let Some(db) = config.database(&name) else {
+        return;
+    };
+    let Some(cron) = db.drill.as_ref().and_then(|d| d.cron.clone()) else {
+        return;
+    };
+    let labels = db_labels(shared.environment(), &name);
+    // Stateless: the last drill's metrics come back from its report.
+    if let Ok(history) = dr_drills::report::history(&shared.repo, Some(&name)).await {
+        if let Some(r) = history.iter().rev().find(|r| r.passed) {
+            shared
+                .metrics
+                .drill_last_success
+                .get_or_create(&labels)
+                .set(r.finished_at.as_millisecond() as f64 / 1000.0);
+        }
+        if let Some(r) = history.last() {
+            shared
+                .metrics
+                .drill_rto
+                .get_or_create(&labels)
+                .set(r.rto_seconds);
+        }
+    }
+    let tz = config.agent.timezone.0.clone();
+    loop {
+        let now = Timestamp::now().to_zoned(tz.clone());
+        let Some(at) = cron.next_runs(&now, 1).into_iter().next() else {
+            return;
+        };
+        let wait = (at.timestamp().as_millisecond() - now.timestamp().as_millisecond()).max(0);
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(wait as u64)) => {}
+            _ = stop.cancelled() => return,
+        }
+        run_drill(&shared, db).await;
+    }
+}
+
+async fn run_drill(shared: &Arc<Shared>, db: &DatabaseConfig) {
+    let name = db.name.as_str();
+    let labels = db_labels(shared.environment(), name);
+    let Some(identity) = shared.config.encryption.identity_file.clone() else {
+        shared.metrics.drill_failures.get_or_create(&labels).inc();
+        tracing::error!(database = name, "a drill is scheduled but [encryption] identity_file is not set; drills need the private key");
+        return;
+    };
+    let _permit = shared.jobs.acquire().await.expect("semaphore open");
+    let identities = match dr_core::keys::Identities::from_file(&identity) {
+        Ok(i) => Arc::new(i),
+        Err(e) => {
+            shared.metrics.drill_failures.get_or_create(&labels).inc();
+            tracing::error!(database = name, error = %e, "cannot load the identity for the drill");
+            return;
+        }
+    };
+    set_status(shared, format!("drilling {name}"));
+    let result = dr_drills::run::run(
+        &shared.repo,
+        &shared.config,
+        db,
+        identities,
+        shared.abort.child_token(),
+    )
+    .await;
+    let problem = match result {
+        Ok(r) => {
+            shared
+                .metrics
+                .drill_rto
+                .get_or_create(&labels)
+                .set(r.rto_seconds);
+            if r.passed {
+                shared
+                    .metrics
+                    .drill_last_success
+                    .get_or_create(&labels)
+                    .set(r.finished_at.as_millisecond() as f64 / 1000.0);
+            }
+            match (r.passed, r.rto_breached) {
+                (true, false) => None,
+                (true, true) => Some(format!(
+                    "drill {} passed but its RTO {:.1} s exceeds the objective {:.0} s",
+                    r.id,
+                    r.rto_seconds,
+                    r.rto_objective_seconds.unwrap_or(0.0)
+                )),
+                _ => Some(format!(
+                    "drill {} failed: {}",
+                    r.id,
+                    r.error.clone().unwrap_or_else(|| {
+                        r.checks
+                            .iter()
+                            .filter(|c| !c.passed)
+                            .map(|c| format!("{}: {}", c.name, c.detail))
+                            .collect::<Vec<_>>()
+                            .join("; ")
+                    })
+                )),
+            }
+        }
+        Err(e) => Some(format!("drill could not run: {e}")),
+    };
+    if let Some(message) = problem {
+        shared.metrics.drill_failures.get_or_create(&labels).inc();
+        shared
+            .notifier
+            .send(shared.event(NotifyEvent::DrillFailed, Some(name), message));
+    }
+}

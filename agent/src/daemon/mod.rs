@@ -218,8 +218,15 @@ fn start_generation(
 ) -> JoinSet<()> {
     let mut tasks = JoinSet::new();
     for db in &shared.config.databases {
-        let (s, name, stop) = (shared.clone(), db.name.to_string(), stop.clone());
-        tasks.spawn(job::database_loop(s, name, stop));
+        let name = db.name.to_string();
+        tasks.spawn(job::database_loop(
+            shared.clone(),
+            name.clone(),
+            stop.clone(),
+        ));
+        if db.drill.as_ref().is_some_and(|d| d.cron.is_some()) {
+            tasks.spawn(job::drill_loop(shared.clone(), name, stop.clone()));
+        }
     }
     let (s, stop, hb) = (shared.clone(), stop.clone(), heartbeat.clone());
     tasks.spawn(async move {

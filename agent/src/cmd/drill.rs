@@ -1,0 +1,188 @@
+//! `dr drill`: restore a backup into a scratch database, check it and time it.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use dr_drills::report::DrillReport;
+
+/// Run a restore drill now: restore the newest backup (or a random recent one) into a
+/// scratch target, check it, measure the RTO and store a report in the repository.
+///
+/// The target is `[databases.drill] target`: "ephemeral" (a throwaway local cluster) or a
+/// scratch server, where the drill creates `dr_drill_<database>_<id>` and drops it again.
+/// Checks: pg_restore reported no errors, every table's row count equals the count recorded
+/// in the backup's snapshot, and each configured check returns true. Exits non-zero when the
+/// drill fails or its RTO exceeds the database's `rto`.
+#[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct Args {
+    #[command(subcommand)]
+    history: Option<Sub>,
+
+    /// Only this database (default: every database with a [databases.drill] section).
+    #[arg(long, short)]
+    database: Option<String>,
+
+    /// Identity file (default: [encryption] identity_file).
+    #[arg(long, value_name = "FILE")]
+    identity: Option<PathBuf>,
+
+    /// Print the reports as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Subcommand)]
+enum Sub {
+    /// List past drills with their RTO and outcome.
+    History {
+        #[arg(long, short)]
+        database: Option<String>,
+        #[arg(long)]
+        json: bool,
+        /// Draw the RTO trend against the objective into this SVG file.
+        #[arg(long, value_name = "FILE.svg")]
+        plot: Option<PathBuf>,
+    },
+}
+
+impl Args {
+    pub async fn run(self, config_path: &Path) -> anyhow::Result<ExitCode> {
+        let config = super::load_config(config_path)?;
+        let repo = super::open_repo(&config).await?;
+        if let Some(Sub::History {
+            database,
+            json,
+            plot,
+        }) = self.history
+        {
+            return history(&repo, database.as_deref(), json, plot.as_deref()).await;
+        }
+        let dbs: Vec<_> = config
+            .databases
+            .iter()
+            .filter(|d| {
+                self.database
+                    .as_deref()
+                    .is_none_or(|n| d.name.as_str() == n)
+            })
+            .filter(|d| d.drill.is_some() || self.database.is_some())
+            .collect();
+        if dbs.is_empty() {
+            anyhow::bail!(
+                "no database to drill: add a [databases.drill] section to {}",
+                config_path.display()
+            );
+        }
+        let identity = self
+            .identity
+            .clone()
+            .or_else(|| config.encryption.identity_file.clone())
+            .ok_or(dr_restore::RestoreError::NoIdentity)?;
+        let identities = Arc::new(
+            dr_core::keys::Identities::from_file(&identity)
+                .context("cannot load the identity to decrypt with")?,
+        );
+        let cancel = tokio_util::sync::CancellationToken::new();
+        {
+            let cancel = cancel.clone();
+            tokio::spawn(async move {
+                let _ = tokio::signal::ctrl_c().await;
+                cancel.cancel();
+            });
+        }
+        let mut reports = Vec::new();
+        for db in dbs {
+            let r =
+                dr_drills::run::run(&repo, &config, db, identities.clone(), cancel.clone()).await?;
+            if !self.json {
+                print_report(&r);
+            }
+            reports.push(r);
+        }
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(&reports)?);
+        }
+        let ok = reports.iter().all(|r| r.passed && !r.rto_breached);
+        Ok(if ok {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        })
+    }
+}
+
+pub fn print_report(r: &DrillReport) {
+    let verdict = match (r.passed, r.rto_breached) {
+        (true, false) => "PASSED",
+        (true, true) => "PASSED, RTO BREACHED",
+        _ => "FAILED",
+    };
+    let objective = r
+        .rto_objective_seconds
+        .map(|o| format!(" (objective {o:.0} s)"))
+        .unwrap_or_default();
+    println!(
+        "drill {} of `{}`: {verdict}; RTO {:.1} s{objective}; backup {}",
+        r.id,
+        r.database,
+        r.rto_seconds,
+        r.backup_id.as_deref().unwrap_or("-")
+    );
+    let s = &r.stages;
+    println!(
+        "  stages: prepare {:.1} s, fetch {:.1} s, decrypt+decompress {:.1} s, restore {:.1} s, checks {:.1} s",
+        s.prepare, s.fetch, s.decrypt_decompress, s.restore, s.checks
+    );
+    for c in &r.checks {
+        println!(
+            "  {} {}: {}",
+            if c.passed { "ok  " } else { "FAIL" },
+            c.name,
+            c.detail
+        );
+    }
+    if let Some(e) = &r.error {
+        println!("  error: {e}");
+    }
+}
+
+async fn history(
+    repo: &dr_core::repo::Repository,
+    database: Option<&str>,
+    json: bool,
+    plot: Option<&Path>,
+) -> anyhow::Result<ExitCode> {
+    let reports = dr_drills::report::history(repo, database).await?;
+    if let Some(path) = plot {
+        let title = format!(
+            "RTO of restore drills: {} / {}",
+            repo.environment(),
+            database.unwrap_or("all databases")
+        );
+        std::fs::write(path, dr_drills::report::plot_svg(&reports, &title))
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        eprintln!("plot written to {}", path.display());
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&reports)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if reports.is_empty() {
+        eprintln!("no drills yet in {}", repo.storage().location());
+    }
+    for r in &reports {
+        println!(
+            "{}  {:<12} {:<6} RTO {:>7.1} s{}  backup {}",
+            r.id,
+            r.database,
+            if r.passed { "passed" } else { "FAILED" },
+            r.rto_seconds,
+            if r.rto_breached { " BREACH" } else { "" },
+            r.backup_id.as_deref().unwrap_or("-")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
