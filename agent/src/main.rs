@@ -56,6 +56,7 @@ enum Command {
     Agent(cmd::agent::Args),
     Drill(cmd::drill::Args),
     Demo(cmd::demo::Args),
+    Health(cmd::health::Args),
     /// Webhook notifications.
     #[command(subcommand)]
     Notify(cmd::notify::Command),
@@ -83,12 +84,15 @@ fn main() -> ExitCode {
             Command::Agent(args) => args.run(&cli.config).await,
             Command::Drill(args) => args.run(&cli.config).await,
             Command::Demo(args) => args.run().await,
+            Command::Health(args) => args.run().await,
             Command::Notify(c) => c.run(&cli.config).await,
             Command::Status(args) => args.run(&cli.config).await,
             Command::Keygen(args) => args.run(),
             Command::Config(c) => c.run(&cli.config),
         }
     });
+    // Never wait on a stuck blocking task at exit (a child that ignores us, a hung read).
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
     match result {
         Ok(code) => code,
         Err(e) => {

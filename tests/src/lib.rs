@@ -5,6 +5,7 @@
 //! Every fixture lives in its own temporary directory on its own free ports, so tests run
 //! in parallel without sharing state, and every fixture cleans up after itself on drop.
 
+mod agent;
 mod config;
 mod dr;
 mod garage;
@@ -15,6 +16,7 @@ mod seed;
 mod tools;
 mod util;
 
+pub use agent::{http_get, metric_value, Agent, ThrottledProxy, WebhookReceiver, WebhookRequest};
 pub use config::{database_toml, encryption_toml, write_config, Storage};
 pub use dr::{dr_binary, Dr, DrOutput};
 pub use garage::{garage_binary, Garage};

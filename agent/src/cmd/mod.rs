@@ -5,6 +5,7 @@ pub mod backup;
 pub mod config;
 pub mod demo;
 pub mod drill;
+pub mod health;
 pub mod keygen;
 pub mod list;
 pub mod notify;

@@ -53,12 +53,21 @@ pub fn key(repo: &Repository, database: &str) -> String {
 fn lease(owner: &str) -> Lease {
     Lease {
         owner: owner.to_string(),
-        host: std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_string())
-            .unwrap_or_default(),
+        host: hostname(),
         pid: std::process::id(),
         expires_at: Timestamp::now() + jiff::SignedDuration::try_from(LEASE).expect("small"),
     }
+}
+
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates within it.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return String::new();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
 }
 
 async fn read(

@@ -6,6 +6,7 @@
 
 use std::io::Read;
 use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use crate::redact;
@@ -39,6 +40,9 @@ fn fmt_stderr(stderr: &str) -> String {
 pub struct ChildSource {
     program: &'static str,
     child: Child,
+    /// Set (under the lock) before the child is reaped, so a `KillHandle` never signals a
+    /// pid that may have been reused.
+    reaping: Arc<Mutex<bool>>,
     stdout: ChildStdout,
     stderr: Option<JoinHandle<Vec<u8>>>,
     secrets: Vec<String>,
@@ -79,6 +83,7 @@ impl ChildSource {
         Ok(ChildSource {
             program,
             child,
+            reaping: Arc::new(Mutex::new(false)),
             stdout,
             stderr: Some(stderr),
             secrets,
@@ -93,8 +98,21 @@ impl ChildSource {
         self.child.id()
     }
 
+    /// Lets another task stop the child while this source is busy on a blocking thread.
+    pub fn kill_handle(&self) -> KillHandle {
+        KillHandle {
+            pid: self.child.id(),
+            reaping: self.reaping.clone(),
+        }
+    }
+
+    fn mark_reaping(&self) {
+        *self.reaping.lock().expect("reaping flag") = true;
+    }
+
     /// Waits for the child after its stdout reached EOF; an error unless it exited 0.
     pub fn finish(mut self) -> Result<(), ChildError> {
+        self.mark_reaping();
         let status = self.child.wait().map_err(|source| ChildError::Spawn {
             program: self.program.to_string(),
             source,
@@ -115,6 +133,7 @@ impl ChildSource {
 
     /// Kills and reaps the child: used when a later stage failed.
     pub fn kill(mut self) {
+        self.mark_reaping();
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = self.stderr.take().map(JoinHandle::join);
@@ -147,9 +166,29 @@ impl Read for ChildSource {
 impl Drop for ChildSource {
     fn drop(&mut self) {
         // Never leave a child behind, whatever path dropped us.
+        self.mark_reaping();
         if let Ok(None) = self.child.try_wait() {
             let _ = self.child.kill();
             let _ = self.child.wait();
+        }
+    }
+}
+
+/// Kills a `ChildSource`'s process from another task (cancellation).
+#[derive(Debug, Clone)]
+pub struct KillHandle {
+    pid: u32,
+    reaping: Arc<Mutex<bool>>,
+}
+
+impl KillHandle {
+    pub fn kill(&self) {
+        let reaping = self.reaping.lock().expect("reaping flag");
+        if !*reaping {
+            // SAFETY: kill(2) on our unreaped child: the pid cannot have been reused.
+            unsafe {
+                libc::kill(self.pid as i32, libc::SIGKILL);
+            }
         }
     }
 }

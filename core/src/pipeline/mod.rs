@@ -133,6 +133,7 @@ pub async fn encrypt_to_storage(
     let part_size = storage.part_size();
     let recipients = recipients.clone();
     let progress = control.progress.clone();
+    let killer = source.kill_handle();
     let worker = tokio::task::spawn_blocking(move || {
         encode_source(source, expect, tx, part_size, &recipients, opts, &progress)
     });
@@ -157,8 +158,12 @@ pub async fn encrypt_to_storage(
             .stored_bytes
             .fetch_add(len, Ordering::Relaxed);
     }
-    // Dropping the receiver makes a still-running encoder fail fast and kill its child.
+    // Dropping the receiver fails the encoder's next hand-off; killing the source ends its
+    // reads at once, even while zstd is still filling a job and hands off nothing.
     drop(rx);
+    if stopped.is_some() {
+        killer.kill();
+    }
     let encoded = worker.await.expect("encoding thread panicked");
 
     let failure = match (stopped, encoded) {
