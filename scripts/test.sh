@@ -43,3 +43,6 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 echo "==> tests"
 cargo build --workspace --quiet
 cargo test --workspace
+
+echo "==> packaging"
+scripts/test-packaging.sh

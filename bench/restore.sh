@@ -1,0 +1,273 @@
+#!/usr/bin/env bash
+# Restore benchmark: how much does `dr restore` from S3 cost over `pg_restore -j N` of a local
+# archive file, and how much memory does it take?
+#
+# Starts a throwaway PostgreSQL 15 and a throwaway Garage S3 server, fills a database with
+# SIZE_GB of mixed data (the generator of backup.sh), takes one `dr backup` into Garage and
+# prepares, unmeasured, the same archive as a local file (`dr restore --output local.dump`) and
+# the stored object as a local file (data.age, downloaded with curl). Then it alternates RUNS
+# rounds of, each into a freshly created empty database:
+#   a. pg_restore -j JOBS -d DB local.dump                 the floor: a local, decoded archive
+#   b. age -d -i KEY data.age | zstd -d | pg_restore -d DB  the hand-written pipeline (1 job:
+#                                                           a pipe cannot be restored in parallel;
+#                                                           reads a local file, so no download)
+#   c. dr restore --target DB --jobs JOBS --json            from Garage: download, verify,
+#                                                           decrypt, decompress, stage, restore
+# and prints median wall times, ratios to (a), dr's median stage breakdown and peak RSS. The
+# results are appended to bench/RESULTS.md.
+#
+#   SIZE_GB=1 RUNS=3 bench/restore.sh
+#
+# Environment: SIZE_GB (default 1, fractions allowed), RUNS (default 5), JOBS (default nproc),
+# BUILD (default 1; 0 uses the existing target/release/dr), KEEP=1 keeps the temporary
+# directory, TMPDIR (where the cluster, Garage's data, the archives and dr's staging file go:
+# needs about 5 × SIZE_GB free), DR_GARAGE_BIN (default ~/.cache/dr-tests/garage/bin/garage).
+set -euo pipefail
+
+# shellcheck source=SCRIPTDIR/lib.sh
+source "$(dirname "$0")/lib.sh"
+
+SIZE_GB="${SIZE_GB:-1}"
+RUNS="${RUNS:-5}"
+JOBS="${JOBS:-$(nproc)}"
+BUILD="${BUILD:-1}"
+KEEP="${KEEP:-0}"
+
+target_db=restored
+
+psql_admin() { "$pg_bin/psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$port" -U postgres -d postgres "$@"; }
+
+# An empty database for the next run; the checkpoint keeps the previous run's dirty pages
+# from being flushed on the next one's time.
+fresh_target() {
+    psql_admin -c "set client_min_messages = warning" -c "drop database if exists $target_db" \
+        -c "create database $target_db" -c "checkpoint"
+}
+
+# Row counts of every table, to check that each run restored everything.
+row_counts() {
+    "$pg_bin/psql" -X -At -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$port" -U postgres -d "$1" -c \
+        "select (select count(*) from customers) || ' ' || (select count(*) from orders) || ' ' ||
+                (select count(*) from events) || ' ' || (select count(*) from attachments)"
+}
+
+# ---------------------------------------------------------------------------------------------
+# dr's key, config and Garage repository.
+
+setup_dr() {
+    if ! recipient=$("$dr" keygen --output "$tmp/id.txt" 2>"$tmp/keygen.log"); then
+        cat "$tmp/keygen.log" >&2
+        die "dr keygen failed"
+    fi
+    config="$tmp/dr.toml"
+    cat >"$config" <<TOML
+environment = "bench"
+
+[storage]
+url = "s3://$s3_bucket/bench"
+endpoint = "http://127.0.0.1:$s3_port"
+region = "garage"
+path_style = true
+
+[encryption]
+recipients = ["$recipient"]
+identity_file = "$tmp/id.txt"
+
+[[databases]]
+name = "bench"
+url = "$db_url"
+TOML
+    # The standard AWS chain: dr (and only dr) needs these, but exporting is harmless for
+    # the PostgreSQL tools, age and zstd.
+    export AWS_ACCESS_KEY_ID="$s3_key_id" AWS_SECRET_ACCESS_KEY="$s3_secret"
+    export AWS_EC2_METADATA_DISABLED=true
+}
+
+# Runs dr with its log in $tmp/dr.log; on failure prints the log and stops.
+dr_or_die() {
+    local what=$1
+    shift
+    if ! "$@" 2>"$tmp/dr.log"; then
+        echo "$what failed; its log:" >&2
+        cat "$tmp/dr.log" >&2
+        exit 1
+    fi
+}
+
+prepare() {
+    log "dr backup into Garage"
+    dr_or_die "dr backup" /usr/bin/time -f '%e %M' -o "$tmp/backup.time" \
+        "$dr" --config "$config" --log-format json backup >/dev/null
+    backup_seconds=$(cut -d' ' -f1 "$tmp/backup.time")
+    "$dr" --config "$config" --log-format json list --json 2>>"$tmp/dr.log" >"$tmp/list.json"
+    stored_bytes=$(jq '.[-1].stored_bytes' "$tmp/list.json")
+    raw_archive_bytes=$(jq '.[-1].raw_bytes' "$tmp/list.json")
+
+    log "dr restore --output local.dump (the archive as a local file, for pg_restore -j)"
+    dr_or_die "dr restore --output" \
+        "$dr" --config "$config" --log-format json restore --database bench \
+        --output "$tmp/local.dump" --json >"$tmp/output.json"
+    output_seconds=$(jq -r '.seconds.total * 100 | round / 100' "$tmp/output.json")
+
+    log "downloading the stored object with curl (data.age, for the shell pipeline)"
+    local key t0
+    key=$(s3_curl "$(s3_url "/?list-type=2&prefix=bench%2F")" |
+        grep -o '<Key>[^<]*/data\.dump\.zst\.age</Key>' | sed 's/<[^>]*>//g' | tail -n 1)
+    [ -n "$key" ] || die "no data.dump.zst.age object in bucket $s3_bucket"
+    t0=$(date +%s.%N)
+    s3_curl -o "$tmp/data.age" "$(s3_url "/$key")"
+    download_seconds=$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.2f", b - a }')
+    [ "$(stat -c %s "$tmp/data.age")" = "$stored_bytes" ] ||
+        die "downloaded $(stat -c %s "$tmp/data.age") bytes of $key, the manifest says $stored_bytes"
+
+    # The pipeline must produce exactly the archive dr wrote: same input for a and b.
+    if ! age -d -i "$tmp/id.txt" "$tmp/data.age" | zstd -q -d | cmp -s - "$tmp/local.dump"; then
+        die "age -d | zstd -d of the stored object differs from dr restore --output"
+    fi
+    expected_counts=$(row_counts bench)
+}
+
+# ---------------------------------------------------------------------------------------------
+# Measuring (see timed in lib.sh). Each run restores into a fresh empty database.
+
+check_restored() {
+    local got
+    got=$(row_counts "$target_db")
+    [ "$got" = "$expected_counts" ] || die "$1 restored row counts $got, expected $expected_counts"
+}
+
+run_local() {
+    fresh_target
+    if ! timed local "$pg_bin/pg_restore" -j "$JOBS" -d "$target_url" "$tmp/local.dump" 2>"$tmp/run.log"; then
+        cat "$tmp/run.log" >&2
+        exit 1
+    fi
+    check_restored "pg_restore -j $JOBS"
+}
+
+run_shell() {
+    fresh_target
+    # shellcheck disable=SC2016 # $1..$4 are the inner shell's arguments, expanded there
+    if ! timed shell bash -c 'set -o pipefail; age -d -i "$1" "$2" | zstd -q -d | "$3" -d "$4"' \
+        _ "$tmp/id.txt" "$tmp/data.age" "$pg_bin/pg_restore" "$target_url" 2>"$tmp/run.log"; then
+        cat "$tmp/run.log" >&2
+        exit 1
+    fi
+    check_restored "age | zstd | pg_restore"
+}
+
+run_dr() {
+    fresh_target
+    if ! timed dr "$dr" --config "$config" --log-format json restore --database bench \
+        --target "$target_url" --jobs "$JOBS" --staging-dir "$tmp" --json \
+        >"$tmp/dr.json" 2>"$tmp/dr.log"; then
+        echo "dr restore failed; its log:" >&2
+        cat "$tmp/dr.log" >&2
+        exit 1
+    fi
+    jq -r '.seconds | [.fetch, .decrypt_decompress, .pg_restore, .total] | map(. * 100 | round / 100) | join(" ")' "$tmp/dr.json" \
+        >>"$tmp/drstages.times"
+    dr_mode=$(jq -r '.mode' "$tmp/dr.json")
+    check_restored "dr restore"
+}
+
+run_rounds() {
+    local round order cmd
+    for round in $(seq 1 "$RUNS"); do
+        case $(( (round - 1) % 3 )) in
+            0) order="local shell dr" ;;
+            1) order="shell dr local" ;;
+            *) order="dr local shell" ;;
+        esac
+        for cmd in $order; do "run_$cmd"; done
+        log "round $round/$RUNS: pg_restore -j $JOBS $(last local)s, shell $(last shell)s, dr $(last dr)s"
+    done
+    psql_admin -c "drop database if exists $target_db"
+}
+
+# ---------------------------------------------------------------------------------------------
+# Reporting.
+
+tool_version() { "$@" 2>&1 | head -n 1; }
+two() { awk -v x="$1" 'BEGIN { printf "%.2f", x }'; }
+
+report() {
+    local a b c ra rb rc fetch decode restore total
+    a=$(two "$(col local 1 | median)")
+    b=$(two "$(col shell 1 | median)")
+    c=$(two "$(col dr 1 | median)")
+    ra=$(kib_to_mib "$(col local 2 | median)")
+    rb=$(kib_to_mib "$(col shell 2 | median)")
+    rc=$(kib_to_mib "$(col dr 2 | median)")
+    fetch=$(two "$(col drstages 1 | median)")
+    decode=$(two "$(col drstages 2 | median)")
+    restore=$(two "$(col drstages 3 | median)")
+    total=$(two "$(col drstages 4 | median)")
+    cat <<EOF
+## $(date -u '+%Y-%m-%d %H:%M UTC') — restore.sh, SIZE_GB=$SIZE_GB, RUNS=$RUNS, JOBS=$JOBS
+
+- machine: $(machine)
+- pg_restore: $("$pg_bin/pg_restore" --version); age $(tool_version age --version); zstd $(zstd -V | grep -o 'v[0-9.]*' | head -n 1); Garage $("$garage_bin" --version 2>/dev/null | awk '{ print $2 }'); curl $(curl --version | awk 'NR == 1 { print $2 }')
+- dr commit: $(dr_commit)
+- database: pg_database_size $(human "$db_bytes"); archive (\`dr restore --output\`, decoded) $(human "$raw_archive_bytes"); stored in Garage (zstd + age) $(human "$stored_bytes")
+- unmeasured preparation: \`dr backup\` into Garage ${backup_seconds} s; \`dr restore --output local.dump\` from Garage ${output_seconds} s; curl download of the stored object ${download_seconds} s
+- load average (1/5/15 min) before the rounds: $load_before; after: $load_after
+
+| command | median wall | × pg_restore -j $JOBS | median peak RSS |
+|---|---:|---:|---:|
+| a. \`pg_restore -j $JOBS\` of local.dump | ${a} s | 1.00 | ${ra} MiB |
+| b. \`age -d < data.age \| zstd -d \| pg_restore\` (1 job, local file) | ${b} s | $(ratio "$b" "$a") | ${rb} MiB |
+| c. \`dr restore --jobs $JOBS\` from Garage ($dr_mode) | ${c} s | $(ratio "$c" "$a") | ${rc} MiB |
+
+dr's stages, median of its JSON summaries: fetch ${fetch} s, decrypt_decompress ${decode} s (overlaps fetch; ends when the staged archive is written and synced), pg_restore ${restore} s (includes \`pg_restore --list\` for the progress bar), total ${total} s; the rest of the wall time (process start, manifest listing, target checks) is $(awk -v w="$c" -v t="$total" 'BEGIN { printf "%.2f", w - t }') s.
+
+Wall times per run (s): pg_restore -j $JOBS $(col local 1 | xargs); shell $(col shell 1 | xargs); dr $(col dr 1 | xargs). \
+dr's stages per run (fetch decrypt_decompress pg_restore total): $(paste -sd ';' "$tmp/drstages.times" | sed 's/;/; /g'). \
+dr peak RSS per run: $(col dr 2 | while read -r k; do kib_to_mib "$k"; echo; done | xargs) MiB.
+
+Target: dr restore ≤ 1.10× local \`pg_restore -j $JOBS\`: $(ratio "$c" "$a")× $(pass "$(ratio "$c" "$a")" 1.10).
+
+What each line measures: (a) only PostgreSQL loading an archive that is already decoded on local disk, $JOBS jobs; (b) decrypting and decompressing a local copy of the stored object straight into a single pg_restore — the download is *not* included, which favours it (the curl download alone took ${download_seconds} s); (c) everything from a cold start of \`dr\`: listing manifests in Garage, downloading the object over HTTP, verifying it (sha256, age, zstd), writing and fsyncing the decoded archive to a staging file, then \`pg_restore -j $JOBS\` of it. Peak RSS is GNU time's %M: the largest of the process and its reaped descendants, so for (a) and (c) it includes pg_restore's workers.
+EOF
+}
+
+# ---------------------------------------------------------------------------------------------
+
+main() {
+    [ "$RUNS" -ge 1 ] || die "RUNS must be at least 1"
+    [ "$JOBS" -ge 1 ] || die "JOBS must be at least 1"
+    awk -v s="$SIZE_GB" 'BEGIN { exit !(s > 0) }' || die "SIZE_GB must be a positive number"
+    trap cleanup EXIT
+    trap 'exit 130' INT # exit, so the EXIT trap stops the cluster and Garage
+    trap 'exit 143' TERM
+
+    ensure_tools
+    build_dr
+    start_postgres
+    target_url="postgres://postgres@127.0.0.1:$port/$target_db"
+    start_garage
+
+    local target
+    target=$(awk -v s="$SIZE_GB" 'BEGIN { printf "%d", s * 1073741824 }')
+    log "generating at least $(human "$target") of data"
+    create_schema
+    grow_to "$target"
+    db_bytes=$(db_size)
+    log "pg_database_size $(human "$db_bytes")"
+
+    setup_dr
+    prepare
+    log "archive $(human "$raw_archive_bytes"), stored $(human "$stored_bytes"); $RUNS rounds with JOBS=$JOBS"
+
+    load_before=$(loadavg)
+    run_rounds
+    load_after=$(loadavg)
+
+    report >"$tmp/report.md"
+    echo
+    cat "$tmp/report.md"
+    echo
+    append_results "$tmp/report.md"
+}
+
+main "$@"
