@@ -430,6 +430,8 @@ async fn to_file(
         .tempfile_in(&dir)
         .map_err(staging_err)?;
     let (fetch, decode, tmp) = decode_into(repo, m, data, req, tmp, watch).await?;
+    // A staging file is read back at once and deleted, so only --output is synced to disk.
+    tmp.as_file().sync_all().map_err(staging_err)?;
     tmp.persist_noclobber(path)
         .map_err(|e| staging_err(e.error))?;
     Ok((fetch, decode))
@@ -462,12 +464,6 @@ async fn decode_into(
         dir: req.staging_dir.clone(),
         source: e.into_error(),
     })?;
-    tmp.as_file()
-        .sync_all()
-        .map_err(|source| RestoreError::Staging {
-            dir: req.staging_dir.clone(),
-            source,
-        })?;
     let decode = start.elapsed().as_secs_f64();
     let fetch = clock
         .done_at()
