@@ -92,7 +92,7 @@ pub fn decode(
     stored: impl Read,
     identities: &Identities,
     expected: &Expected,
-    out: &mut dyn Write,
+    out: &mut (dyn Write + Send),
     progress: &Progress,
 ) -> Result<Decoded, DecodeError> {
     let state = Arc::new(Mutex::new(HashState::default()));
@@ -119,38 +119,46 @@ pub fn decode(
         },
         other => DecodeError::BadHeader(other.to_string()),
     })?;
-    let mut zstd = zstd::stream::read::Decoder::new(plaintext).map_err(DecodeError::Write)?;
-
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut raw = 0u64;
-    loop {
-        let n = match zstd.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(read_failure(e, offset(), fetch_failed())),
-        };
-        out.write_all(&buf[..n]).map_err(DecodeError::Write)?;
-        raw += n as u64;
-        progress.raw_bytes.fetch_add(n as u64, Ordering::Relaxed);
-        progress.stored_bytes.store(offset(), Ordering::Relaxed);
-    }
-    // zstd stops at the end of its frame; age must also reach its authenticated end, and
-    // nothing may follow it.
-    let mut age_reader = zstd.finish();
-    let mut rest = [0u8; 1];
-    match age_reader.read(&mut rest) {
-        Ok(0) => {}
-        Ok(_) => {
-            return Err(DecodeError::Corrupt {
-                what: "zstd",
-                offset: offset(),
-                detail: "data follows the end of the compressed stream".into(),
-            })
+    // Two threads: this one fetches, hashes and decrypts; the other decompresses and writes.
+    // On a restore's critical path that roughly halves the time before pg_restore starts.
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
+    let (decrypted, decompressed) = std::thread::scope(|scope| {
+        let zstd_side = scope.spawn(move || decompress(ChannelReader::new(rx), out, progress));
+        let mut plaintext = plaintext;
+        let mut decrypted = Ok(());
+        loop {
+            let mut chunk = vec![0u8; 256 * 1024];
+            match plaintext.read(&mut chunk) {
+                Ok(0) => break,
+                Ok(n) => {
+                    chunk.truncate(n);
+                    progress.stored_bytes.store(offset(), Ordering::Relaxed);
+                    if tx.send(chunk).is_err() {
+                        // The other side stopped; its error says why.
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    decrypted = Err(read_failure(e, offset(), fetch_failed()));
+                    break;
+                }
+            }
         }
-        Err(e) => return Err(read_failure(e, offset(), fetch_failed())),
-    }
-    out.flush().map_err(DecodeError::Write)?;
+        drop(tx);
+        let decompressed = zstd_side.join().expect("decompression thread panicked");
+        (decrypted, decompressed)
+    });
+    // The earlier stage's error is the cause; a later stage's follows from it.
+    decrypted?;
+    let raw = decompressed.map_err(|e| match e {
+        DecodeError::Corrupt { what, detail, .. } => DecodeError::Corrupt {
+            what,
+            offset: offset(),
+            detail,
+        },
+        other => other,
+    })?;
 
     let st = std::mem::take(&mut *state.lock().expect("hash state"));
     let sha256 = hex::encode(st.hasher.finalize());
@@ -173,22 +181,85 @@ pub fn decode(
     })
 }
 
+/// The zstd stage: decompresses what the channel carries into `out`; returns the raw size.
+fn decompress(
+    input: ChannelReader,
+    out: &mut (dyn Write + Send),
+    progress: &Progress,
+) -> Result<u64, DecodeError> {
+    let zstd_err = |e: io::Error| DecodeError::Corrupt {
+        what: "zstd decompression",
+        offset: 0,
+        detail: e.to_string(),
+    };
+    let mut zstd = zstd::stream::read::Decoder::new(input).map_err(zstd_err)?;
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut raw = 0u64;
+    loop {
+        let n = match zstd.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(zstd_err(e)),
+        };
+        out.write_all(&buf[..n]).map_err(DecodeError::Write)?;
+        raw += n as u64;
+        progress.raw_bytes.fetch_add(n as u64, Ordering::Relaxed);
+    }
+    // zstd stops at the end of its frame: nothing may follow it.
+    let mut rest = zstd.finish();
+    let mut one = [0u8; 1];
+    if rest.read(&mut one).map_err(zstd_err)? != 0 {
+        return Err(zstd_err(io::Error::other(
+            "data follows the end of the compressed stream",
+        )));
+    }
+    out.flush().map_err(DecodeError::Write)?;
+    Ok(raw)
+}
+
+/// Reads the chunks a channel carries, as one stream; EOF when the sender is gone.
+struct ChannelReader {
+    rx: std::sync::mpsc::Receiver<Vec<u8>>,
+    chunk: Vec<u8>,
+    pos: usize,
+}
+
+impl ChannelReader {
+    fn new(rx: std::sync::mpsc::Receiver<Vec<u8>>) -> Self {
+        ChannelReader {
+            rx,
+            chunk: Vec::new(),
+            pos: 0,
+        }
+    }
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.chunk.len() {
+            match self.rx.recv() {
+                Ok(chunk) => {
+                    self.chunk = chunk;
+                    self.pos = 0;
+                }
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.chunk.len() - self.pos);
+        buf[..n].copy_from_slice(&self.chunk[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
 fn read_failure(e: io::Error, offset: u64, fetch_failed: bool) -> DecodeError {
     if fetch_failed {
         return DecodeError::Fetch { offset, source: e };
     }
-    // age reports chunk authentication failures and truncation as InvalidData/UnexpectedEof;
-    // anything else on this path comes from zstd.
-    let what = if e.to_string().to_lowercase().contains("decrypt")
-        || e.kind() == io::ErrorKind::UnexpectedEof
-        || e.to_string().contains("chunk")
-    {
-        "age authentication"
-    } else {
-        "zstd decompression"
-    };
+    // Only the age stage reads here: a chunk failed authentication or the stream ended early.
     DecodeError::Corrupt {
-        what,
+        what: "age authentication",
         offset,
         detail: e.to_string(),
     }
