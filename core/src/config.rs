@@ -291,8 +291,44 @@ impl Config {
                 message: e.message().trim().to_string(),
             }
         })?;
+        let mut config = config;
+        config.expand_credentials(path)?;
         config.validate(path)?;
         Ok(config)
+    }
+
+    /// Expands `$CREDENTIALS_DIRECTORY` (systemd's `LoadCredential=`) in secret file paths.
+    fn expand_credentials(&mut self, path: &Path) -> Result<(), ConfigError> {
+        let dir = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
+        let expand = |p: &mut Option<PathBuf>| -> Result<(), ConfigError> {
+            let Some(current) = p.as_ref() else {
+                return Ok(());
+            };
+            let text = current.to_string_lossy();
+            let rest = text
+                .strip_prefix("$CREDENTIALS_DIRECTORY/")
+                .or_else(|| text.strip_prefix("${CREDENTIALS_DIRECTORY}/"));
+            let Some(rest) = rest else {
+                return Ok(());
+            };
+            let dir = dir.as_ref().ok_or_else(|| ConfigError::Invalid {
+                path: path.to_owned(),
+                message: format!(
+                    "`{text}` uses $CREDENTIALS_DIRECTORY, which is not set: run under systemd with LoadCredential=, or give the full path"
+                ),
+            })?;
+            *p = Some(dir.join(rest));
+            Ok(())
+        };
+        expand(&mut self.encryption.identity_file)?;
+        expand(&mut self.encryption.recipients_file)?;
+        for db in &mut self.databases {
+            expand(&mut db.password_file)?;
+            if let Some(drill) = &mut db.drill {
+                expand(&mut drill.password_file)?;
+            }
+        }
+        Ok(())
     }
 
     fn validate(&self, path: &Path) -> Result<(), ConfigError> {
@@ -649,6 +685,25 @@ rto = "1h"
         assert_eq!(runs[0].date(), jiff::civil::date(2026, 3, 29));
         assert_eq!(runs[1].date(), jiff::civil::date(2026, 3, 30));
         assert_eq!(c.next_runs(&start, 1)[0].hour(), 0);
+    }
+
+    #[test]
+    fn credentials_directory_is_expanded_in_secret_paths() {
+        let text = ISSUE_EXAMPLE.replace(
+            "rpo = \"26h\"",
+            "password_file = \"$CREDENTIALS_DIRECTORY/app.password\"\nrpo = \"26h\"",
+        );
+        // SAFETY: tests in this module do not read this variable concurrently elsewhere.
+        unsafe { std::env::remove_var("CREDENTIALS_DIRECTORY") };
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("LoadCredential="), "{err}");
+        unsafe { std::env::set_var("CREDENTIALS_DIRECTORY", "/run/credentials/dr-agent.service") };
+        let c = parse(&text).unwrap();
+        assert_eq!(
+            c.databases[0].password_file.as_deref(),
+            Some(Path::new("/run/credentials/dr-agent.service/app.password"))
+        );
+        unsafe { std::env::remove_var("CREDENTIALS_DIRECTORY") };
     }
 
     #[test]

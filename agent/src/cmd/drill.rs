@@ -89,7 +89,20 @@ impl Args {
         {
             let cancel = cancel.clone();
             tokio::spawn(async move {
-                let _ = tokio::signal::ctrl_c().await;
+                use tokio::signal::unix::{signal, SignalKind};
+                let (Ok(mut int), Ok(mut term)) = (
+                    signal(SignalKind::interrupt()),
+                    signal(SignalKind::terminate()),
+                ) else {
+                    return;
+                };
+                tokio::select! {
+                    _ = int.recv() => {}
+                    _ = term.recv() => {}
+                }
+                tracing::warn!(
+                    "signal received: stopping the drill and removing its scratch target"
+                );
                 cancel.cancel();
             });
         }
