@@ -207,21 +207,27 @@ impl Connection {
         cmd
     }
 
+    /// `psql` for scripts: no psqlrc, unaligned, tuples only, stop at the first error.
+    pub fn psql(&self, tools: &PgTools) -> Command {
+        let mut cmd = self.command(&tools.bin("psql"));
+        cmd.args([
+            "-X",
+            "-A",
+            "-t",
+            "-q",
+            "--no-password",
+            "-v",
+            "ON_ERROR_STOP=1",
+        ])
+        .arg("-d")
+        .arg(self.url.for_argv());
+        cmd
+    }
+
     /// Runs one query with `psql` and returns its unaligned, tuples-only output.
     pub fn query(&self, tools: &PgTools, sql: &str) -> Result<String, PgError> {
         let out = self
-            .command(&tools.bin("psql"))
-            .args([
-                "-X",
-                "-A",
-                "-t",
-                "-q",
-                "--no-password",
-                "-v",
-                "ON_ERROR_STOP=1",
-            ])
-            .arg("-d")
-            .arg(self.url.for_argv())
+            .psql(tools)
             .arg("-c")
             .arg(sql)
             .output()

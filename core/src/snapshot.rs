@@ -28,18 +28,7 @@ fn io_err(e: std::io::Error) -> PgError {
 impl SnapshotSession {
     pub fn open(conn: &Connection, tools: &PgTools) -> Result<Self, PgError> {
         let mut child = conn
-            .command(&tools.bin("psql"))
-            .args([
-                "-X",
-                "-A",
-                "-t",
-                "-q",
-                "--no-password",
-                "-v",
-                "ON_ERROR_STOP=1",
-            ])
-            .arg("-d")
-            .arg(conn.url.for_argv())
+            .psql(tools)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -116,7 +116,8 @@ pub async fn fetch_hashed(
         })
 }
 
-async fn open(
+/// Opens an object's stored bytes; a missing object names the backup.
+pub(crate) async fn open(
     repo: &Repository,
     manifest: &Manifest,
     object: &ObjectEntry,

@@ -179,17 +179,7 @@ async fn check_key(
     req: &Request,
 ) -> Result<(), RestoreError> {
     let key = repo.object_key(&m.database, &m.id, &data.name);
-    let reader = repo.storage().open_read(&key).await.map_err(|e| {
-        if e.is_not_found() {
-            RestoreError::Missing {
-                backup: m.id.to_string(),
-                object: data.name.clone(),
-                location: repo.storage().location(),
-            }
-        } else {
-            e.into()
-        }
-    })?;
+    let reader = crate::fetch::open(repo, m, data, &key).await?;
     let expected = crate::fetch::expected(m, data);
     let ids = req.identities.clone();
     let backup = m.id.to_string();

@@ -50,7 +50,10 @@ impl Args {
         };
         let repo = super::open_repo(&config).await?;
         let control = Control::default();
-        tokio::spawn(cancel_on_signal(control.clone()));
+        super::cancel_on_signal(
+            control.cancel.clone(),
+            "stopping; the backup in progress will not be recorded",
+        );
 
         let mut failed = 0;
         for db in databases {
@@ -101,22 +104,6 @@ impl Args {
             ExitCode::SUCCESS
         })
     }
-}
-
-async fn cancel_on_signal(control: Control) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut int), Ok(mut term)) = (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) else {
-        return;
-    };
-    tokio::select! {
-        _ = int.recv() => {}
-        _ = term.recv() => {}
-    }
-    tracing::warn!("signal received: stopping; the backup in progress will not be recorded");
-    control.cancel.cancel();
 }
 
 /// A live line on a terminal (hidden otherwise): bytes dumped, stored and the rate.

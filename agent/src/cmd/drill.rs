@@ -86,26 +86,10 @@ impl Args {
                 .context("cannot load the identity to decrypt with")?,
         );
         let cancel = tokio_util::sync::CancellationToken::new();
-        {
-            let cancel = cancel.clone();
-            tokio::spawn(async move {
-                use tokio::signal::unix::{signal, SignalKind};
-                let (Ok(mut int), Ok(mut term)) = (
-                    signal(SignalKind::interrupt()),
-                    signal(SignalKind::terminate()),
-                ) else {
-                    return;
-                };
-                tokio::select! {
-                    _ = int.recv() => {}
-                    _ = term.recv() => {}
-                }
-                tracing::warn!(
-                    "signal received: stopping the drill and removing its scratch target"
-                );
-                cancel.cancel();
-            });
-        }
+        super::cancel_on_signal(
+            cancel.clone(),
+            "stopping the drill and removing its scratch target",
+        );
         let mut reports = Vec::new();
         for db in dbs {
             let r =

@@ -42,6 +42,25 @@ pub async fn open_repo(config: &Config) -> anyhow::Result<Repository> {
     Ok(Repository::new(storage, config.environment.as_str()))
 }
 
+/// Cancels `token` on the first SIGINT or SIGTERM, saying `what` happens next.
+pub fn cancel_on_signal(token: tokio_util::sync::CancellationToken, what: &'static str) {
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut int), Ok(mut term)) = (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) else {
+            return;
+        };
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        tracing::warn!("signal received: {what}");
+        token.cancel();
+    });
+}
+
 /// Human sizes: `1.2 GiB`.
 pub fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];

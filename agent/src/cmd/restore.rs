@@ -219,7 +219,10 @@ impl Args {
         );
 
         let watch = Arc::new(Watch::default());
-        tokio::spawn(cancel_on_signal(watch.clone()));
+        super::cancel_on_signal(
+            watch.pipeline.cancel.clone(),
+            "stopping the restore and cleaning up",
+        );
         let bar = progress(watch.clone());
         let result =
             dr_restore::run::restore(&repo, request, watch.clone(), &Prompt { yes: self.yes })
@@ -246,22 +249,6 @@ impl Args {
             Err(e) => Err(anyhow::Error::new(e).context("restore failed")),
         }
     }
-}
-
-async fn cancel_on_signal(watch: Arc<Watch>) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut int), Ok(mut term)) = (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) else {
-        return;
-    };
-    tokio::select! {
-        _ = int.recv() => {}
-        _ = term.recv() => {}
-    }
-    tracing::warn!("signal received: stopping the restore and cleaning up");
-    watch.pipeline.cancel.cancel();
 }
 
 /// Download bar (bytes, rate, ETA), then restore bar (TOC entries); hidden off a terminal.
