@@ -36,7 +36,8 @@ struct Watched<R> {
 impl<R: Read> Read for Watched<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if self.control.cancel.is_cancelled() {
-            return Err(io::Error::new(io::ErrorKind::Interrupted, "cancelled"));
+            // Not ErrorKind::Interrupted: read loops retry that one.
+            return Err(io::Error::other("cancelled"));
         }
         let n = self.inner.read(buf)?;
         if n == 0 {
