@@ -3,6 +3,7 @@
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
 
 /// The `dr` binary under test: `$DR_BIN`, else `<target dir>/debug/dr` where the target dir
 /// is `$CARGO_TARGET_DIR` or the workspace's `target/`. Panics if it is not built.
@@ -83,6 +84,24 @@ impl DrOutput {
             .filter(|l| !l.is_empty())
             .map(String::from)
             .collect()
+    }
+
+    /// Asserts a `dr backup` succeeded and printed exactly one id, and returns that id.
+    pub fn assert_one_backup_id(&self) -> String {
+        self.assert_success();
+        let ids = self.stdout_lines();
+        assert_eq!(
+            ids.len(),
+            1,
+            "dr backup should print one id:\n{}",
+            self.stdout
+        );
+        ids[0].clone()
+    }
+
+    /// stdout and stderr together, for messages that may land on either.
+    pub fn both(&self) -> String {
+        format!("{}\n{}", self.stdout, self.stderr)
     }
 }
 
@@ -217,5 +236,27 @@ impl Dr {
             self.command.env("PATH", path);
         }
         self.command
+    }
+}
+
+/// Waits for `child` (a spawned `dr`) up to `timeout`, killing it (and failing) if it runs longer.
+pub fn wait_with_timeout(mut child: Child, timeout: Duration) -> DrOutput {
+    let started = Instant::now();
+    while child.try_wait().expect("poll dr").is_none() {
+        if started.elapsed() > timeout {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("reap dr");
+            panic!(
+                "dr did not finish within {timeout:?}:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = child.wait_with_output().expect("collect dr output");
+    DrOutput {
+        status: out.status,
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
 }

@@ -6,6 +6,7 @@
 //! in parallel without sharing state, and every fixture cleans up after itself on drop.
 
 mod agent;
+mod base;
 mod config;
 mod dr;
 mod garage;
@@ -17,14 +18,19 @@ mod tools;
 mod util;
 
 pub use agent::{http_get, metric_value, Agent, ThrottledProxy, WebhookReceiver, WebhookRequest};
+pub use base::BedBase;
 pub use config::{database_toml, encryption_toml, write_config, Storage};
-pub use dr::{dr_binary, Dr, DrOutput};
+pub use dr::{dr_binary, wait_with_timeout, Dr, DrOutput};
 pub use garage::{garage_binary, Garage};
 pub use pg::{pg_bindir, PgCluster};
 pub use repo::{BackupEntry, Repo};
 pub use s3::S3;
 pub use seed::{create_seeded, seed, seed_incompressible, table_hashes, SEED_BIG_ROWS, SEED_ROLE};
 pub use tools::{
-    decrypt_to_bytes, keygen, sha256_hex, stock_restore, write_script, write_secret_file, Keypair,
+    decrypt_to_bytes, keygen, sha256_hex, stock_restore, tool_dir, write_script, write_secret_file,
+    Keypair,
 };
-pub use util::{free_port, random_hex, test_cache_dir};
+pub use util::{
+    dir_entries, free_port, poll_every, processes, random_hex, runs_program, test_cache_dir,
+    wait_until,
+};

@@ -110,3 +110,23 @@ pub fn write_secret_file(path: &Path, secret: &str) {
     fs::set_permissions(path, fs::Permissions::from_mode(0o600))
         .unwrap_or_else(|e| panic!("chmod {}: {e}", path.display()));
 }
+
+/// A directory of PostgreSQL client tools to put first on `dr`'s PATH: every tool of the
+/// real bindir as a symlink, except `wrapped`, which are replaced by scripts. `dr` takes
+/// every client tool from the directory where it found `pg_dump`, so the directory must be
+/// complete. It is `parent/pgbin`.
+pub fn tool_dir(parent: &Path, wrapped: &[(&str, String)]) -> PathBuf {
+    let dir = parent.join("pgbin");
+    fs::create_dir_all(&dir).expect("create tool dir");
+    for entry in fs::read_dir(pg_bindir()).expect("read pg bindir") {
+        let entry = entry.expect("bindir entry");
+        let name = entry.file_name();
+        if wrapped.iter().all(|(w, _)| name.to_str() != Some(w)) {
+            std::os::unix::fs::symlink(entry.path(), dir.join(&name)).expect("symlink tool");
+        }
+    }
+    for (name, script) in wrapped {
+        write_script(&dir.join(name), script);
+    }
+    dir
+}

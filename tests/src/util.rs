@@ -1,9 +1,11 @@
-//! Small helpers shared by the fixtures: free ports, randomness, waiting, unprivileged users.
+//! Small helpers shared by the fixtures and tests: free ports, randomness, waiting, processes,
+//! directory listings, unprivileged users.
 
 use std::collections::HashSet;
 use std::ffi::CString;
+use std::fs;
 use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -49,7 +51,12 @@ pub fn test_cache_dir() -> PathBuf {
 }
 
 /// Polls `ready` every 100 ms until it returns true or `timeout` passes.
-pub(crate) fn wait_until(timeout: Duration, mut ready: impl FnMut() -> bool) -> bool {
+pub fn wait_until(timeout: Duration, ready: impl FnMut() -> bool) -> bool {
+    poll_every(Duration::from_millis(100), timeout, ready)
+}
+
+/// Polls `ready` every `interval` until it returns true or `timeout` passes.
+pub fn poll_every(interval: Duration, timeout: Duration, mut ready: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
     loop {
         if ready() {
@@ -58,8 +65,53 @@ pub(crate) fn wait_until(timeout: Duration, mut ready: impl FnMut() -> bool) -> 
         if Instant::now() >= deadline {
             return false;
         }
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(interval);
     }
+}
+
+/// Every live process that `/proc` shows: (pid, argv). Processes that end while being read
+/// (or whose command line cannot be read) are left out.
+pub fn processes() -> Vec<(u32, Vec<String>)> {
+    let mut found = Vec::new();
+    for entry in fs::read_dir("/proc").expect("read /proc").flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(cmdline) = fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        found.push((pid, args));
+    }
+    found
+}
+
+/// True when `args` (a process's argv) runs the program named `program` (by its file name).
+pub fn runs_program(args: &[String], program: &str) -> bool {
+    args.first()
+        .is_some_and(|a| a.rsplit('/').next() == Some(program))
+}
+
+/// The names of the entries of `dir`, sorted.
+pub fn dir_entries(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("read {}: {e}", dir.display()))
+        .map(|e| {
+            e.expect("dir entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    names.sort();
+    names
 }
 
 /// True when something accepts TCP connections on 127.0.0.1:`port`.

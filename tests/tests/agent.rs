@@ -12,10 +12,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use dr_tests::{
-    encryption_toml, free_port, metric_value, write_config, Agent, Dr, Garage, Keypair, PgCluster,
-    Repo, Storage, ThrottledProxy, WebhookReceiver,
+    encryption_toml, free_port, metric_value, poll_every, processes, runs_program, write_config,
+    Agent, BedBase, Dr, Repo, ThrottledProxy, WebhookReceiver,
 };
-use tempfile::TempDir;
 
 const ENV: &str = "test";
 const DB: &str = "app";
@@ -71,48 +70,29 @@ impl Spec {
 
 /// A cluster with a small database `app`, keys, and a repository.
 struct Bed {
-    tmp: TempDir,
-    cluster: PgCluster,
-    keys: Keypair,
-    storage: Storage,
-    garage: Option<Garage>,
+    base: BedBase,
 }
 
 impl Bed {
     fn file() -> Bed {
-        Bed::new(None, |tmp| Storage::File(tmp.join("repo")))
+        Bed::new(BedBase::file("dr-agent-"))
     }
 
     fn s3(prefix: &str) -> Bed {
-        let garage = Garage::start();
-        let storage = Storage::garage(&garage, prefix);
-        Bed::new(Some(garage), |_| storage)
+        Bed::new(BedBase::s3("dr-agent-", prefix))
     }
 
-    fn new(garage: Option<Garage>, storage: impl FnOnce(&Path) -> Storage) -> Bed {
-        let tmp = tempfile::Builder::new()
-            .prefix("dr-agent-")
-            .tempdir()
-            .expect("create test dir");
-        let cluster = PgCluster::start();
-        cluster.create_db(DB);
-        cluster.psql(
+    fn new(base: BedBase) -> Bed {
+        base.cluster.create_db(DB);
+        base.cluster.psql(
             DB,
             "CREATE TABLE items AS SELECT i AS id, md5(i::text) AS v FROM generate_series(1, 2000) AS i",
         );
-        let keys = dr_tests::keygen(tmp.path());
-        let storage = storage(tmp.path());
-        Bed {
-            tmp,
-            cluster,
-            keys,
-            storage,
-            garage,
-        }
+        Bed { base }
     }
 
     fn dir(&self) -> &Path {
-        self.tmp.path()
+        self.base.dir()
     }
 
     /// Writes `dr.toml` for `spec` into `self.dir()/sub` (so two agents can have two
@@ -120,15 +100,15 @@ impl Bed {
     fn write(&self, sub: &str, spec: &Spec) -> PathBuf {
         let dir = self.dir().join(sub);
         fs::create_dir_all(&dir).expect("create config dir");
-        write_config(&dir, &self.storage, &self.body(spec))
+        write_config(&dir, &self.base.storage, &self.body(spec))
     }
 
     fn body(&self, spec: &Spec) -> String {
         let url = match spec.db_port {
             Some(port) => format!("postgres://postgres@127.0.0.1:{port}/{DB}"),
-            None => self.cluster.url(DB),
+            None => self.base.cluster.url(DB),
         };
-        let mut out = encryption_toml(&[&self.keys.recipient], None);
+        let mut out = encryption_toml(&[&self.base.keys.recipient], None);
         out += &format!(
             "[agent]\nlisten = \"127.0.0.1:{}\"\ntimezone = \"UTC\"\nmax_concurrent_jobs = 2\n\n",
             spec.listen
@@ -150,11 +130,9 @@ impl Bed {
 
     /// `dr --config <config>` with the password and storage credentials in its environment.
     fn dr(&self, config: &Path) -> Dr {
-        let dr = Dr::new(config).env("PGPASSWORD", self.cluster.password());
-        match &self.garage {
-            Some(garage) => dr.envs(garage.env()),
-            None => dr,
-        }
+        self.base
+            .dr(config)
+            .env("PGPASSWORD", self.base.cluster.password())
     }
 
     fn agent(&self, config: &Path, port: u16) -> Agent {
@@ -162,11 +140,7 @@ impl Bed {
     }
 
     fn repo(&self) -> Repo {
-        match (&self.storage, &self.garage) {
-            (Storage::File(root), _) => Repo::file(root),
-            (Storage::S3 { prefix, .. }, Some(garage)) => Repo::garage(garage, prefix),
-            (Storage::S3 { .. }, None) => unreachable!("S3 storage always has a Garage"),
-        }
+        self.base.repo()
     }
 
     fn committed(&self) -> Vec<String> {
@@ -175,19 +149,10 @@ impl Bed {
 
     /// `dr backup --class <class>`; returns the id.
     fn backup(&self, config: &Path, class: &str) -> String {
-        let out = self
-            .dr(config)
+        self.dr(config)
             .args(["backup", "--database", DB, "--class", class])
-            .run();
-        out.assert_success();
-        let ids = out.stdout_lines();
-        assert_eq!(
-            ids.len(),
-            1,
-            "dr backup should print one id:\n{}",
-            out.stdout
-        );
-        ids[0].clone()
+            .run()
+            .assert_one_backup_id()
     }
 
     fn list(&self, config: &Path) -> Vec<serde_json::Value> {
@@ -216,17 +181,8 @@ impl Bed {
 }
 
 /// Polls `ready` every 200 ms until it is true or `timeout` passes.
-fn poll(timeout: Duration, mut ready: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if ready() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+fn poll(timeout: Duration, ready: impl FnMut() -> bool) -> bool {
+    poll_every(Duration::from_millis(200), timeout, ready)
 }
 
 fn db_labels() -> [(&'static str, &'static str); 2] {
@@ -251,30 +207,13 @@ fn classes_of(backup: &serde_json::Value) -> Vec<String> {
 /// Pids of live `pg_dump` processes whose command line names `port` (its `--dbname` URL).
 fn pg_dumps_on_port(port: u16) -> Vec<u32> {
     let needle = format!(":{port}/");
-    let mut pids = Vec::new();
-    for entry in fs::read_dir("/proc").expect("read /proc").flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Ok(cmdline) = fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let args: Vec<String> = cmdline
-            .split(|b| *b == 0)
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
-        let is_pg_dump = args
-            .first()
-            .is_some_and(|a| a.rsplit('/').next() == Some("pg_dump"));
-        if is_pg_dump && args.iter().any(|a| a.contains(&needle)) {
-            pids.push(pid);
-        }
-    }
-    pids
+    processes()
+        .into_iter()
+        .filter(|(_, args)| {
+            runs_program(args, "pg_dump") && args.iter().any(|a| a.contains(&needle))
+        })
+        .map(|(pid, _)| pid)
+        .collect()
 }
 
 #[test]
@@ -497,12 +436,12 @@ fn prune_keeps_the_newest_of_each_class_and_removes_the_expired() {
 fn sigterm_during_a_backup_leaves_no_manifest_and_exits_in_time() {
     let bed = Bed::file();
     // About 11 MB of dump behind a 512 KiB/s link: pg_dump streams for about 20 s.
-    bed.cluster.psql(
+    bed.base.cluster.psql(
         DB,
         "CREATE TABLE big AS SELECT i AS id, md5(i::text) || md5((i * 7)::text) AS v \
          FROM generate_series(1, 150000) AS i",
     );
-    let proxy = ThrottledProxy::start(bed.cluster.port(), 512 * 1024);
+    let proxy = ThrottledProxy::start(bed.base.cluster.port(), 512 * 1024);
     let port = free_port();
     // No backup and an RPO objective: the catch-up backup starts at once.
     let config = bed.write(

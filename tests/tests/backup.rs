@@ -8,15 +8,13 @@
 use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Child;
 use std::time::{Duration, Instant};
 
 use dr_tests::{
     create_seeded, database_toml, decrypt_to_bytes, encryption_toml, pg_bindir,
-    seed_incompressible, sha256_hex, stock_restore, table_hashes, write_config, write_script,
-    write_secret_file, Dr, DrOutput, Garage, Keypair, PgCluster, Repo, Storage, SEED_ROLE,
+    seed_incompressible, sha256_hex, stock_restore, table_hashes, tool_dir, wait_with_timeout,
+    write_config, write_secret_file, BedBase, Dr, DrOutput, Repo, Storage, SEED_ROLE,
 };
-use tempfile::TempDir;
 
 const ENV: &str = "test";
 const DATA_OBJECT: &str = "data.dump.zst.age";
@@ -25,97 +23,70 @@ const AGE_HEADER: &[u8] = b"age-encryption.org/v1";
 
 /// A cluster with a seeded database `app`, keys, and a repository (file or S3).
 struct Bed {
-    tmp: TempDir,
-    cluster: PgCluster,
-    keys: Keypair,
-    storage: Storage,
-    garage: Option<Garage>,
+    base: BedBase,
 }
 
 impl Bed {
     /// A seeded cluster and a `file://` repository.
     fn file() -> Bed {
-        Bed::new(None, |tmp, _| Storage::File(tmp.join("repo")))
+        Bed::new(BedBase::file("dr-e2e-"))
     }
 
     /// A seeded cluster and an S3 repository on a fresh Garage under `prefix`.
     fn s3(prefix: &str) -> Bed {
-        let garage = Garage::start();
-        let storage = Storage::garage(&garage, prefix);
-        Bed::new(Some(garage), |_, _| storage)
+        Bed::new(BedBase::s3("dr-e2e-", prefix))
     }
 
-    fn new(garage: Option<Garage>, storage: impl FnOnce(&Path, &Option<Garage>) -> Storage) -> Bed {
-        let tmp = tempfile::Builder::new()
-            .prefix("dr-e2e-")
-            .tempdir()
-            .expect("create test dir");
-        let cluster = PgCluster::start();
-        create_seeded(&cluster, "app");
-        let keys = dr_tests::keygen(tmp.path());
-        let storage = storage(tmp.path(), &garage);
-        Bed {
-            tmp,
-            cluster,
-            keys,
-            storage,
-            garage,
-        }
+    fn new(base: BedBase) -> Bed {
+        create_seeded(&base.cluster, "app");
+        Bed { base }
     }
 
     fn dir(&self) -> &Path {
-        self.tmp.path()
+        self.base.dir()
     }
 
     /// A config for database `app` (password from PGPASSWORD, see [`Bed::dr`]), with
     /// `extra` appended (e.g. more databases).
     fn config(&self, extra: &str) -> PathBuf {
-        let body = encryption_toml(&[&self.keys.recipient], None)
-            + &database_toml("app", &self.cluster.url("app"), None)
+        let body = encryption_toml(&[&self.base.keys.recipient], None)
+            + &database_toml("app", &self.base.cluster.url("app"), None)
             + extra;
-        write_config(self.dir(), &self.storage, &body)
+        write_config(self.dir(), &self.base.storage, &body)
     }
 
     /// `dr --config <config>` with the storage credentials and the database password in
     /// its environment.
     fn dr(&self, config: &Path) -> Dr {
         self.dr_without_password(config)
-            .env("PGPASSWORD", self.cluster.password())
+            .env("PGPASSWORD", self.base.cluster.password())
     }
 
     /// Like [`Bed::dr`] but without PGPASSWORD, for tests that pass the password another way.
     fn dr_without_password(&self, config: &Path) -> Dr {
-        let dr = Dr::new(config);
-        match &self.garage {
-            Some(garage) => dr.envs(garage.env()),
-            None => dr,
-        }
+        self.base.dr(config)
     }
 
     fn repo(&self) -> Repo {
-        match (&self.storage, &self.garage) {
-            (Storage::File(root), _) => Repo::file(root),
-            (Storage::S3 { prefix, .. }, Some(garage)) => Repo::garage(garage, prefix),
-            (Storage::S3 { .. }, None) => unreachable!("S3 storage always has a Garage"),
-        }
+        self.base.repo()
     }
 
     /// Runs `dr backup` for `database`, asserts it succeeded with exactly one id on stdout,
     /// and returns that id.
     fn backup_ok(&self, config: &Path, database: &str) -> String {
-        let out = self
-            .dr(config)
+        self.dr(config)
             .args(["backup", "--database", database])
-            .run();
-        out.assert_success();
-        let ids = out.stdout_lines();
-        assert_eq!(
-            ids.len(),
-            1,
-            "dr backup should print one id:\n{}",
-            out.stdout
-        );
-        ids[0].clone()
+            .run()
+            .assert_one_backup_id()
+    }
+
+    /// `dr backup --database app` with `pg_dump` replaced by the script `wrapper` (the
+    /// other client tools stay real, see [`tool_dir`]), ready to run or spawn.
+    fn backup_with_pg_dump(&self, config: &Path, wrapper: String) -> Dr {
+        let tools = tool_dir(self.dir(), &[("pg_dump", wrapper)]);
+        self.dr(config)
+            .path_first(&tools)
+            .args(["backup", "--database", "app"])
     }
 
     /// Ids listed by `dr list --json` for `database`.
@@ -157,26 +128,6 @@ impl Bed {
             "dr list no longer shows exactly the earlier good backups"
         );
     }
-}
-
-/// A directory of PostgreSQL client tools to put first on `dr`'s PATH: every tool of the
-/// real bindir as a symlink, except `wrapped`, which are replaced by scripts. `dr` takes
-/// every client tool from the directory where it found `pg_dump`, so the directory must be
-/// complete.
-fn tool_dir(parent: &Path, wrapped: &[(&str, String)]) -> PathBuf {
-    let dir = parent.join("pgbin");
-    fs::create_dir_all(&dir).expect("create tool dir");
-    for entry in fs::read_dir(pg_bindir()).expect("read pg bindir") {
-        let entry = entry.expect("bindir entry");
-        let name = entry.file_name();
-        if wrapped.iter().all(|(w, _)| name.to_str() != Some(w)) {
-            std::os::unix::fs::symlink(entry.path(), dir.join(&name)).expect("symlink tool");
-        }
-    }
-    for (name, script) in wrapped {
-        write_script(&dir.join(name), script);
-    }
-    dir
 }
 
 /// A wrapper that appends its own argv (one line per call) to `log`, then execs the real tool.
@@ -252,10 +203,15 @@ fn round_trip_with_stock_tools(bed: Bed) {
 
     let data_key = format!("{ENV}/app/backups/{id}/{DATA_OBJECT}");
     let data = repo.fetch(&data_key, &bed.dir().join("data.fetched"));
-    stock_restore(&bed.keys.identity, &data, &bed.cluster, "restored");
+    stock_restore(
+        &bed.base.keys.identity,
+        &data,
+        &bed.base.cluster,
+        "restored",
+    );
     assert_eq!(
-        table_hashes(&bed.cluster, "app"),
-        table_hashes(&bed.cluster, "restored"),
+        table_hashes(&bed.base.cluster, "app"),
+        table_hashes(&bed.base.cluster, "restored"),
         "the stock-tools restore differs from the source database"
     );
 
@@ -284,7 +240,7 @@ fn round_trip_with_stock_tools(bed: Bed) {
 
     let globals_key = format!("{ENV}/app/backups/{id}/{GLOBALS_OBJECT}");
     let globals = repo.fetch(&globals_key, &bed.dir().join("globals.fetched"));
-    let globals_sql = String::from_utf8(decrypt_to_bytes(&bed.keys.identity, &globals))
+    let globals_sql = String::from_utf8(decrypt_to_bytes(&bed.base.keys.identity, &globals))
         .expect("globals are UTF-8 SQL");
     assert!(
         globals_sql.contains(&format!("CREATE ROLE {SEED_ROLE}")),
@@ -293,7 +249,12 @@ fn round_trip_with_stock_tools(bed: Bed) {
 
     let manifest = String::from_utf8(repo.get(&format!("{ENV}/app/backups/{id}/manifest.json")))
         .expect("manifest is UTF-8");
-    for plaintext in ["customers", "events", SEED_ROLE, bed.cluster.password()] {
+    for plaintext in [
+        "customers",
+        "events",
+        SEED_ROLE,
+        bed.base.cluster.password(),
+    ] {
         assert!(
             !manifest.contains(plaintext),
             "the manifest reveals {plaintext:?}:\n{manifest}"
@@ -320,12 +281,7 @@ fn pg_dump_killed_mid_stream_leaves_no_manifest() {
 
     let marker = bed.dir().join("pg_dump-was-killed");
     let wrapper = pg_dump_killed_after(256 * 1024, &marker);
-    let tools = tool_dir(bed.dir(), &[("pg_dump", wrapper)]);
-    let out = bed
-        .dr(&config)
-        .path_first(&tools)
-        .args(["backup", "--database", "app"])
-        .run();
+    let out = bed.backup_with_pg_dump(&config, wrapper).run();
     assert!(
         marker.exists(),
         "the pg_dump wrapper never killed pg_dump (did dr use the pg_dump first on PATH?):\n{}",
@@ -350,7 +306,7 @@ fn pg_dump_killed_mid_stream_leaves_no_manifest() {
 fn garage_stopped_mid_upload_aborts_and_leaves_no_manifest() {
     let mut bed = Bed::s3("ci");
     // Incompressible content, so the stored object spans several upload parts.
-    seed_incompressible(&bed.cluster, "app", 24);
+    seed_incompressible(&bed.base.cluster, "app", 24);
     let config = bed.config("");
     let good = bed.backup_ok(&config, "app");
 
@@ -370,13 +326,8 @@ done 3>&1
 "#,
         real = pg_bindir().join("pg_dump").display(),
     );
-    let tools = tool_dir(bed.dir(), &[("pg_dump", wrapper)]);
     let repo = bed.repo();
-    let child = bed
-        .dr(&config)
-        .path_first(&tools)
-        .args(["backup", "--database", "app"])
-        .spawn();
+    let child = bed.backup_with_pg_dump(&config, wrapper).spawn();
 
     // Stop Garage once the multipart upload has begun (or after a few seconds, if dr
     // buffers a whole part before creating it).
@@ -385,7 +336,7 @@ done 3>&1
         std::thread::sleep(Duration::from_millis(200));
     }
     let upload_seen = !repo.pending_uploads().is_empty();
-    bed.garage.as_mut().expect("s3 bed").stop();
+    bed.base.garage.as_mut().expect("s3 bed").stop();
     let out = wait_with_timeout(child, Duration::from_secs(300));
     eprintln!("multipart upload seen before stopping Garage: {upload_seen}");
 
@@ -399,7 +350,7 @@ done 3>&1
         out.stderr
     );
 
-    bed.garage.as_mut().expect("s3 bed").restart();
+    bed.base.garage.as_mut().expect("s3 bed").restart();
     bed.assert_clean_failure(&out, &[], &config, "app", &[good]);
     // dr could not abort the upload while Garage was down; cleaning it up is the next
     // agent start's job (FAULTS.md 4), so it is reported here rather than asserted.
@@ -413,27 +364,20 @@ done 3>&1
 fn s3_pg_dump_killed_mid_upload_aborts_the_multipart_upload() {
     let bed = Bed::s3("ci");
     // Incompressible content, so several parts are uploaded before pg_dump dies.
-    seed_incompressible(&bed.cluster, "app", 24);
+    seed_incompressible(&bed.base.cluster, "app", 24);
     // The smallest part size S3 allows, so parts are surely in flight when pg_dump dies
     // (the line lands in the [storage] table, which write_config leaves open).
     let body = "part_size_mib = 5\n".to_string()
-        + &encryption_toml(&[&bed.keys.recipient], None)
-        + &database_toml("app", &bed.cluster.url("app"), None);
-    let config = write_config(bed.dir(), &bed.storage, &body);
+        + &encryption_toml(&[&bed.base.keys.recipient], None)
+        + &database_toml("app", &bed.base.cluster.url("app"), None);
+    let config = write_config(bed.dir(), &bed.base.storage, &body);
     let good = bed.backup_ok(&config, "app");
     let repo = bed.repo();
     let keys_before = repo.keys();
 
     let marker = bed.dir().join("pg_dump-was-killed");
-    let tools = tool_dir(
-        bed.dir(),
-        &[("pg_dump", pg_dump_killed_after(40 * 1024 * 1024, &marker))],
-    );
-    let out = bed
-        .dr(&config)
-        .path_first(&tools)
-        .args(["backup", "--database", "app"])
-        .run();
+    let wrapper = pg_dump_killed_after(40 * 1024 * 1024, &marker);
+    let out = bed.backup_with_pg_dump(&config, wrapper).run();
     assert!(
         marker.exists(),
         "the pg_dump wrapper never killed pg_dump:\n{}",
@@ -461,8 +405,9 @@ fn backup_refuses_without_recipients() {
 
     let no_keys_dir = bed.dir().join("no-recipients");
     fs::create_dir(&no_keys_dir).expect("create config dir");
-    let body = encryption_toml(&[], None) + &database_toml("app", &bed.cluster.url("app"), None);
-    let config = write_config(&no_keys_dir, &bed.storage, &body);
+    let body =
+        encryption_toml(&[], None) + &database_toml("app", &bed.base.cluster.url("app"), None);
+    let config = write_config(&no_keys_dir, &bed.base.storage, &body);
     let out = bed.dr(&config).args(["backup", "--database", "app"]).run();
     bed.assert_clean_failure(&out, &["recipient"], &good_config, "app", &[good]);
     assert_eq!(
@@ -477,7 +422,7 @@ fn read_only_file_repo_fails_clearly() {
     let bed = Bed::file();
     let config = bed.config("");
     let good = bed.backup_ok(&config, "app");
-    let Storage::File(root) = &bed.storage else {
+    let Storage::File(root) = &bed.base.storage else {
         unreachable!("file bed")
     };
     let keys_before = bed.repo().keys();
@@ -513,8 +458,8 @@ fn repo_below_a_regular_file_fails_clearly() {
     )
     .expect("write blocker file");
     let root = blocker.join("repo");
-    let body = encryption_toml(&[&bed.keys.recipient], None)
-        + &database_toml("app", &bed.cluster.url("app"), None);
+    let body = encryption_toml(&[&bed.base.keys.recipient], None)
+        + &database_toml("app", &bed.base.cluster.url("app"), None);
     let config = write_config(bed.dir(), &Storage::File(root.clone()), &body);
     let out = bed.dr(&config).args(["backup", "--database", "app"]).run();
     out.assert_failure_mentions(&[&blocker.display().to_string()]);
@@ -524,7 +469,7 @@ fn repo_below_a_regular_file_fails_clearly() {
 #[test]
 fn missing_database_fails_clearly() {
     let bed = Bed::file();
-    let extra = database_toml("ghost", &bed.cluster.url("no_such_db"), None);
+    let extra = database_toml("ghost", &bed.base.cluster.url("no_such_db"), None);
     let config = bed.config(&extra);
     let good = bed.backup_ok(&config, "app");
 
@@ -550,10 +495,10 @@ fn missing_database_fails_clearly() {
 fn wrong_password_fails_clearly_and_never_leaks() {
     let bed = Bed::file();
     let password_file = bed.dir().join("pgpassword");
-    write_secret_file(&password_file, bed.cluster.password());
-    let body = encryption_toml(&[&bed.keys.recipient], None)
-        + &database_toml("app", &bed.cluster.url("app"), Some(&password_file));
-    let config = write_config(bed.dir(), &bed.storage, &body);
+    write_secret_file(&password_file, bed.base.cluster.password());
+    let body = encryption_toml(&[&bed.base.keys.recipient], None)
+        + &database_toml("app", &bed.base.cluster.url("app"), Some(&password_file));
+    let config = write_config(bed.dir(), &bed.base.storage, &body);
     let good_out = bed
         .dr_without_password(&config)
         .args(["backup", "--database", "app"])
@@ -586,7 +531,7 @@ fn wrong_password_fails_clearly_and_never_leaks() {
 #[test]
 fn password_never_on_argv_or_in_logs() {
     let bed = Bed::file();
-    let secret = bed.cluster.password().to_string();
+    let secret = bed.base.cluster.password().to_string();
     let argv_log = bed.dir().join("argv.log");
     let wrapped: Vec<(&str, String)> = ["pg_dump", "pg_dumpall", "psql", "pg_restore"]
         .into_iter()
@@ -598,10 +543,10 @@ fn password_never_on_argv_or_in_logs() {
     let password_file = bed.dir().join("pgpassword");
     write_secret_file(&password_file, &secret);
     let variants = [
-        ("url", bed.cluster.url_with_password("app"), None),
+        ("url", bed.base.cluster.url_with_password("app"), None),
         (
             "file",
-            bed.cluster.url("app"),
+            bed.base.cluster.url("app"),
             Some(password_file.as_path()),
         ),
     ];
@@ -609,8 +554,8 @@ fn password_never_on_argv_or_in_logs() {
         let dir = bed.dir().join(variant);
         fs::create_dir(&dir).expect("create variant dir");
         let body =
-            encryption_toml(&[&bed.keys.recipient], None) + &database_toml("app", &url, file);
-        let config = write_config(&dir, &bed.storage, &body);
+            encryption_toml(&[&bed.base.keys.recipient], None) + &database_toml("app", &url, file);
+        let config = write_config(&dir, &bed.base.storage, &body);
 
         let scanner = ArgvScanner::start(secret.clone());
         let out = bed
@@ -656,28 +601,6 @@ fn password_never_on_argv_or_in_logs() {
             !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
             "the password is stored in plaintext in {key}"
         );
-    }
-}
-
-/// Waits for `child` up to `timeout`, killing it (and failing) if it runs longer.
-fn wait_with_timeout(mut child: Child, timeout: Duration) -> DrOutput {
-    let started = Instant::now();
-    while child.try_wait().expect("poll dr").is_none() {
-        if started.elapsed() > timeout {
-            let _ = child.kill();
-            let out = child.wait_with_output().expect("reap dr");
-            panic!(
-                "dr did not finish within {timeout:?}:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let out = child.wait_with_output().expect("collect dr output");
-    DrOutput {
-        status: out.status,
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
 }
 

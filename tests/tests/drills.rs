@@ -21,9 +21,9 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use dr_tests::{
-    create_seeded, encryption_toml, free_port, metric_value, seed_incompressible, write_config,
-    write_secret_file, Agent, Dr, DrOutput, Keypair, PgCluster, Repo, Storage, WebhookReceiver,
-    SEED_ROLE,
+    create_seeded, dir_entries, encryption_toml, free_port, metric_value, processes, runs_program,
+    seed_incompressible, wait_until, write_config, write_secret_file, Agent, Dr, DrOutput, Keypair,
+    PgCluster, Repo, Storage, WebhookReceiver, SEED_ROLE,
 };
 use serde_json::Value;
 use tempfile::TempDir;
@@ -195,16 +195,10 @@ impl Bed {
 
     /// `dr backup --database app`; returns the id.
     fn backup(&self, config: &Path) -> String {
-        let out = self.dr(config).args(["backup", "--database", DB]).run();
-        out.assert_success();
-        let ids = out.stdout_lines();
-        assert_eq!(
-            ids.len(),
-            1,
-            "dr backup should print one id:\n{}",
-            out.stdout
-        );
-        ids[0].clone()
+        self.dr(config)
+            .args(["backup", "--database", DB])
+            .run()
+            .assert_one_backup_id()
     }
 
     /// `dr drill --database app --json`: the output and its one report.
@@ -283,25 +277,6 @@ fn check<'a>(report: &'a Value, name: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("the report has no check {name:?}:\n{report:#}"))
 }
 
-fn dir_entries(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = fs::read_dir(dir)
-        .unwrap_or_else(|e| panic!("read {}: {e}", dir.display()))
-        .map(|e| {
-            e.expect("dir entry")
-                .file_name()
-                .to_string_lossy()
-                .into_owned()
-        })
-        .collect();
-    names.sort();
-    names
-}
-
-/// stdout and stderr together.
-fn both(out: &DrOutput) -> String {
-    format!("{}\n{}", out.stdout, out.stderr)
-}
-
 /// Asserts the text of a stored report names nothing of the database's content: no table,
 /// schema or role of the seed, and no check SQL.
 fn assert_no_content(report: &str, checks: &[&str]) {
@@ -370,25 +345,8 @@ fn scratch_dirs() -> BTreeSet<PathBuf> {
 /// `dr-demo-*` directory: (pid, data directory).
 fn scratch_postmasters() -> BTreeSet<(u32, String)> {
     let mut found = BTreeSet::new();
-    for entry in fs::read_dir("/proc").expect("read /proc").flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Ok(cmdline) = fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let args: Vec<String> = cmdline
-            .split(|b| *b == 0)
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
-        let is_postgres = args
-            .first()
-            .is_some_and(|a| a.rsplit('/').next() == Some("postgres"));
-        if !is_postgres {
+    for (pid, args) in processes() {
+        if !runs_program(&args, "postgres") {
             continue;
         }
         let data_dir = args
@@ -453,7 +411,7 @@ impl Leftovers {
         }
         // Give a just-stopped postmaster a moment to disappear from /proc.
         let mut new_postmasters = Vec::new();
-        wait_for(Duration::from_secs(10), || {
+        wait_until(Duration::from_secs(10), || {
             new_postmasters = scratch_postmasters()
                 .difference(&self.postmasters)
                 .cloned()
@@ -497,27 +455,13 @@ fn reap_leftovers(log: &str) {
             unsafe {
                 libc::kill(pid as libc::pid_t, libc::SIGQUIT);
             }
-            wait_for(Duration::from_secs(10), || {
+            wait_until(Duration::from_secs(10), || {
                 !Path::new(&format!("/proc/{pid}")).exists()
             });
         }
     }
     for dir in named {
         let _ = fs::remove_dir_all(&dir);
-    }
-}
-
-/// Polls `ready` every 100 ms until it is true or `timeout` passes.
-fn wait_for(timeout: Duration, mut ready: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if ready() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
@@ -671,7 +615,7 @@ fn drill_on_a_corrupted_backup_fails_notifies_and_leaves_nothing_behind() {
     assert!(
         !out.status.success(),
         "dr drill of a corrupted backup exited 0:\n{}",
-        both(&out)
+        out.both()
     );
     assert_eq!(report["passed"], false, "{report:#}");
     assert_eq!(report["backup_id"], backup.as_str(), "{report:#}");
@@ -694,7 +638,7 @@ fn drill_on_a_corrupted_backup_fails_notifies_and_leaves_nothing_behind() {
 
     // The agent runs the same drill on its schedule.
     let mut agent = Agent::start(bed.dr(&config), port);
-    let notified = wait_for(Duration::from_secs(90), || {
+    let notified = wait_until(Duration::from_secs(90), || {
         hook.events().iter().any(|e| e == "drill_failed")
     });
     assert!(
@@ -731,7 +675,7 @@ fn drill_on_a_corrupted_backup_fails_notifies_and_leaves_nothing_behind() {
     // Stop the agent while a scheduled drill has its throwaway cluster running: shutdown
     // must still stop and remove it.
     let started_clusters = agent.log_count("ephemeral cluster started");
-    let mid_drill = wait_for(Duration::from_secs(20), || {
+    let mid_drill = wait_until(Duration::from_secs(20), || {
         agent.log_count("ephemeral cluster started") > started_clusters
     });
     agent.signal(libc::SIGTERM);
@@ -809,7 +753,7 @@ fn failing_user_check_fails_the_drill() {
     assert!(
         !out.status.success(),
         "a drill whose check returns false exited 0:\n{}",
-        both(&out)
+        out.both()
     );
     assert_eq!(report["passed"], false, "{report:#}");
     assert_eq!(check(&report, "check #1")["passed"], false, "{report:#}");
@@ -849,7 +793,7 @@ fn rto_objective_of_one_second_is_reported_as_a_breach() {
     assert!(
         !out.status.success(),
         "a drill that breached its RTO exited 0:\n{}",
-        both(&out)
+        out.both()
     );
     let id = report["id"].as_str().expect("id");
     let stored: Value = serde_json::from_str(&bed.stored_report(id)).expect("JSON report");
@@ -945,7 +889,7 @@ fn server_target_equal_to_the_source_is_refused() {
     assert!(
         !out.status.success(),
         "a drill into the backed-up server itself exited 0:\n{}",
-        both(&out)
+        out.both()
     );
     assert_eq!(report["passed"], false, "{report:#}");
     let error = report["error"].as_str().unwrap_or("").to_lowercase();
@@ -1031,7 +975,7 @@ fn demo_runs_to_completion_and_cleans_up() {
     let (out, elapsed) =
         run_with_timeout(Dr::without_config().arg("demo"), Duration::from_secs(90));
     out.assert_success();
-    let text = both(&out);
+    let text = out.both();
     assert!(
         text.contains("PASSED"),
         "dr demo did not report a passed drill:\n{text}"

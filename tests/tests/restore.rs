@@ -11,16 +11,14 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Child;
 use std::time::{Duration, Instant};
 
 use dr_tests::{
-    create_seeded, database_toml, encryption_toml, pg_bindir, table_hashes, write_config,
-    write_script, write_secret_file, Dr, DrOutput, Garage, Keypair, PgCluster, Repo, Storage,
-    SEED_ROLE,
+    create_seeded, database_toml, dir_entries, encryption_toml, pg_bindir, table_hashes, tool_dir,
+    wait_with_timeout, write_config, write_secret_file, BedBase, Dr, DrOutput, PgCluster, Repo,
+    Storage, SEED_ROLE,
 };
 use serde_json::Value;
-use tempfile::TempDir;
 
 const ENV: &str = "test";
 const DATA_OBJECT: &str = "data.dump.zst.age";
@@ -28,52 +26,32 @@ const DATA_OBJECT: &str = "data.dump.zst.age";
 /// A cluster with a seeded database `app`, keys, a repository (file or S3), a config whose
 /// `[encryption] identity_file` is the bed's identity, and an empty staging directory.
 struct Bed {
-    tmp: TempDir,
-    cluster: PgCluster,
-    keys: Keypair,
-    storage: Storage,
-    garage: Option<Garage>,
+    base: BedBase,
     config: PathBuf,
 }
 
 impl Bed {
     /// A seeded cluster and a `file://` repository.
     fn file() -> Bed {
-        Bed::new(None, |tmp| Storage::File(tmp.join("repo")))
+        Bed::new(BedBase::file("dr-restore-e2e-"))
     }
 
     /// A seeded cluster and an S3 repository on a fresh Garage under `prefix`.
     fn s3(prefix: &str) -> Bed {
-        let garage = Garage::start();
-        let storage = Storage::garage(&garage, prefix);
-        Bed::new(Some(garage), |_| storage)
+        Bed::new(BedBase::s3("dr-restore-e2e-", prefix))
     }
 
-    fn new(garage: Option<Garage>, storage: impl FnOnce(&Path) -> Storage) -> Bed {
-        let tmp = tempfile::Builder::new()
-            .prefix("dr-restore-e2e-")
-            .tempdir()
-            .expect("create test dir");
-        let cluster = PgCluster::start();
-        create_seeded(&cluster, "app");
-        let keys = dr_tests::keygen(tmp.path());
-        let storage = storage(tmp.path());
-        let body = encryption_toml(&[&keys.recipient], Some(&keys.identity))
-            + &database_toml("app", &cluster.url("app"), None);
-        let config = write_config(tmp.path(), &storage, &body);
-        fs::create_dir(tmp.path().join("staging")).expect("create staging dir");
-        Bed {
-            tmp,
-            cluster,
-            keys,
-            storage,
-            garage,
-            config,
-        }
+    fn new(base: BedBase) -> Bed {
+        create_seeded(&base.cluster, "app");
+        let body = encryption_toml(&[&base.keys.recipient], Some(&base.keys.identity))
+            + &database_toml("app", &base.cluster.url("app"), None);
+        let config = write_config(base.dir(), &base.storage, &body);
+        fs::create_dir(base.dir().join("staging")).expect("create staging dir");
+        Bed { base, config }
     }
 
     fn dir(&self) -> &Path {
-        self.tmp.path()
+        self.base.dir()
     }
 
     /// Where every restore of this bed stages its archive.
@@ -85,16 +63,12 @@ impl Bed {
     /// (for pg_dump and for restore targets on the same cluster) in its environment.
     fn dr(&self) -> Dr {
         self.dr_without_password()
-            .env("PGPASSWORD", self.cluster.password())
+            .env("PGPASSWORD", self.base.cluster.password())
     }
 
     /// Like [`Bed::dr`] without PGPASSWORD.
     fn dr_without_password(&self) -> Dr {
-        let dr = Dr::new(&self.config);
-        match &self.garage {
-            Some(garage) => dr.envs(garage.env()),
-            None => dr,
-        }
+        self.base.dr(&self.config)
     }
 
     /// `dr restore --database app --staging-dir <staging>`, password in the environment.
@@ -106,34 +80,25 @@ impl Bed {
 
     /// [`Bed::restore`] into `db` on the bed's cluster.
     fn restore_into(&self, db: &str) -> Dr {
-        self.restore().args(["--target", &self.cluster.url(db)])
+        self.restore()
+            .args(["--target", &self.base.cluster.url(db)])
     }
 
     fn repo(&self) -> Repo {
-        match (&self.storage, &self.garage) {
-            (Storage::File(root), _) => Repo::file(root),
-            (Storage::S3 { prefix, .. }, Some(garage)) => Repo::garage(garage, prefix),
-            (Storage::S3 { .. }, None) => unreachable!("S3 storage always has a Garage"),
-        }
+        self.base.repo()
     }
 
     /// Runs `dr backup --database app`, asserts it printed one id, and returns it.
     fn backup_ok(&self) -> String {
-        let out = self.dr().args(["backup", "--database", "app"]).run();
-        out.assert_success();
-        let ids = out.stdout_lines();
-        assert_eq!(
-            ids.len(),
-            1,
-            "dr backup should print one id:\n{}",
-            out.stdout
-        );
-        ids[0].clone()
+        self.dr()
+            .args(["backup", "--database", "app"])
+            .run()
+            .assert_one_backup_id()
     }
 
     /// The data object of backup `id` on disk (file repositories only).
     fn data_object(&self, id: &str) -> PathBuf {
-        let Storage::File(root) = &self.storage else {
+        let Storage::File(root) = &self.base.storage else {
             panic!("data_object needs a file:// bed")
         };
         root.join(format!("{ENV}/app/backups/{id}/{DATA_OBJECT}"))
@@ -142,8 +107,8 @@ impl Bed {
     /// Asserts the restored database `db` holds exactly the source's tables and rows.
     fn assert_same_as_source(&self, db: &str) {
         assert_eq!(
-            table_hashes(&self.cluster, "app"),
-            table_hashes(&self.cluster, db),
+            table_hashes(&self.base.cluster, "app"),
+            table_hashes(&self.base.cluster, db),
             "the restored database {db} differs from the source"
         );
     }
@@ -222,25 +187,6 @@ fn role_exists(cluster: &PgCluster, role: &str) -> bool {
     ) == "1"
 }
 
-fn dir_entries(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = fs::read_dir(dir)
-        .unwrap_or_else(|e| panic!("read {}: {e}", dir.display()))
-        .map(|e| {
-            e.expect("dir entry")
-                .file_name()
-                .to_string_lossy()
-                .into_owned()
-        })
-        .collect();
-    names.sort();
-    names
-}
-
-/// stdout and stderr together, for messages that may land on either.
-fn both(out: &DrOutput) -> String {
-    format!("{}\n{}", out.stdout, out.stderr)
-}
-
 // ---------------------------------------------------------------------------------------
 // Round trips
 
@@ -300,7 +246,8 @@ fn s3_restore_round_trip() {
 #[test]
 fn before_picks_the_right_backup_among_three() {
     let bed = Bed::file();
-    bed.cluster
+    bed.base
+        .cluster
         .psql("app", "CREATE TABLE marker (v int NOT NULL)");
     let mut ids = Vec::new();
     for v in 1..=3 {
@@ -308,7 +255,7 @@ fn before_picks_the_right_backup_among_three() {
             // Backup ids and start times have a resolution of one second.
             std::thread::sleep(Duration::from_millis(1500));
         }
-        bed.cluster.psql(
+        bed.base.cluster.psql(
             "app",
             &format!("DELETE FROM marker; INSERT INTO marker VALUES ({v})"),
         );
@@ -341,7 +288,7 @@ fn before_picks_the_right_backup_among_three() {
         chosen["backup_id"], ids[1],
         "--before {between} chose the wrong backup: {chosen:#}"
     );
-    assert_eq!(bed.cluster.psql("before", "SELECT v FROM marker"), "2");
+    assert_eq!(bed.base.cluster.psql("before", "SELECT v FROM marker"), "2");
 
     // The default is the newest.
     let latest = summary(
@@ -350,7 +297,7 @@ fn before_picks_the_right_backup_among_three() {
             .run(),
     );
     assert_eq!(latest["backup_id"], ids[2], "{latest:#}");
-    assert_eq!(bed.cluster.psql("latest", "SELECT v FROM marker"), "3");
+    assert_eq!(bed.base.cluster.psql("latest", "SELECT v FROM marker"), "3");
 
     // An unknown id fails, names the nearest existing ids, and creates nothing.
     let unknown = "20200101T000000Z-0000";
@@ -364,7 +311,7 @@ fn before_picks_the_right_backup_among_three() {
         "the error names none of the existing ids {ids:?}:\n{}",
         out.stderr
     );
-    assert!(!db_exists(&bed.cluster, "unknown"));
+    assert!(!db_exists(&bed.base.cluster, "unknown"));
 
     // Before the first backup there is nothing to restore.
     let out = bed
@@ -372,7 +319,7 @@ fn before_picks_the_right_backup_among_three() {
         .args(["--create", "--before", "2000-01-01T00:00:00Z"])
         .run();
     out.assert_failure_mentions(&[&ids[0]]);
-    assert!(!db_exists(&bed.cluster, "too_early"));
+    assert!(!db_exists(&bed.base.cluster, "too_early"));
 }
 
 // ---------------------------------------------------------------------------------------
@@ -382,14 +329,14 @@ fn before_picks_the_right_backup_among_three() {
 /// one of `needles`.
 fn assert_verify_fails(bed: &Bed, id: &str, needles: &[&str]) {
     let out = bed.dr().args(["verify", "--database", "app"]).run();
-    eprintln!("dr verify:\n{}", both(&out));
+    eprintln!("dr verify:\n{}", out.both());
     out.assert_failure_mentions(&["failed verification"]);
-    let text = both(&out).to_lowercase();
+    let text = out.both().to_lowercase();
     for needle in [id, DATA_OBJECT].iter().chain(needles) {
         assert!(
             text.contains(&needle.to_lowercase()),
             "dr verify does not mention {needle:?}:\n{}",
-            both(&out)
+            out.both()
         );
     }
     let json = bed
@@ -425,23 +372,23 @@ fn assert_restores_fail_untouched(bed: &Bed, case: &str, needles: &[&str]) {
         out.assert_failure_mentions(&["restore failed"]);
         out.assert_failure_mentions(needles);
         assert!(
-            !db_exists(&bed.cluster, &db),
+            !db_exists(&bed.base.cluster, &db),
             "[{case}] a failed restore with --jobs {jobs} --create left database {db} behind"
         );
     }
     // An existing empty database must survive a failed restore as it was, whatever --jobs
     // says (a pre-existing target is never streamed into).
     let db = format!("{case}_existing");
-    bed.cluster.create_db(&db);
+    bed.base.cluster.create_db(&db);
     for jobs in ["2", "1"] {
         let out = bed.restore_into(&db).args(["--jobs", jobs]).run();
         out.assert_failure_mentions(needles);
         assert!(
-            db_exists(&bed.cluster, &db),
+            db_exists(&bed.base.cluster, &db),
             "[{case}] a failed restore dropped the existing database {db}"
         );
         assert_eq!(
-            table_count(&bed.cluster, &db),
+            table_count(&bed.base.cluster, &db),
             0,
             "[{case}] a failed restore with --jobs {jobs} wrote tables into {db}"
         );
@@ -521,9 +468,9 @@ fn corrupted_truncated_missing_and_wrong_key_fail_clearly_and_leave_target_untou
             .arg(&other.identity)
             .run();
         eprintln!("[wrong key, --jobs {jobs}] dr restore:\n{}", out.stderr);
-        out.assert_failure_mentions(&["identit", &bed.keys.recipient]);
+        out.assert_failure_mentions(&["identit", &bed.base.keys.recipient]);
         assert!(
-            !db_exists(&bed.cluster, &db),
+            !db_exists(&bed.base.cluster, &db),
             "a restore with the wrong key left database {db} behind"
         );
     }
@@ -544,14 +491,14 @@ fn corrupted_truncated_missing_and_wrong_key_fail_clearly_and_leave_target_untou
 fn non_empty_target_is_refused_without_force() {
     let bed = Bed::file();
     bed.backup_ok();
-    bed.cluster.create_db("busy");
-    bed.cluster.psql(
+    bed.base.cluster.create_db("busy");
+    bed.base.cluster.psql(
         "busy",
         "CREATE TABLE precious (id int PRIMARY KEY, note text);
          INSERT INTO precious SELECT i, 'row ' || i FROM generate_series(1, 3) AS i;",
     );
     let precious = || {
-        bed.cluster.psql(
+        bed.base.cluster.psql(
             "busy",
             "SELECT string_agg(id || ':' || note, ',' ORDER BY id) FROM precious",
         )
@@ -566,7 +513,7 @@ fn non_empty_target_is_refused_without_force() {
         );
         out.assert_failure_mentions(&["already holds", "busy", "--force"]);
         assert_eq!(precious(), before, "a refused restore changed the target");
-        assert_eq!(table_count(&bed.cluster, "busy"), 1);
+        assert_eq!(table_count(&bed.base.cluster, "busy"), 1);
     }
     // --force cannot be confirmed without a terminal unless --yes is given.
     let out = bed
@@ -579,7 +526,7 @@ fn non_empty_target_is_refused_without_force() {
         before,
         "an unconfirmed --force changed the target"
     );
-    assert_eq!(table_count(&bed.cluster, "busy"), 1);
+    assert_eq!(table_count(&bed.base.cluster, "busy"), 1);
 
     let out = bed
         .restore_into("busy")
@@ -587,8 +534,8 @@ fn non_empty_target_is_refused_without_force() {
         .run();
     let done = summary(&out);
     assert_eq!(done["target_created"], false, "{done:#}");
-    let source = table_hashes(&bed.cluster, "app");
-    let restored = table_hashes(&bed.cluster, "busy");
+    let source = table_hashes(&bed.base.cluster, "app");
+    let restored = table_hashes(&bed.base.cluster, "busy");
     for (table, hash) in &source {
         assert_eq!(
             restored.get(table),
@@ -633,8 +580,9 @@ fn output_writes_an_archive_pg_restore_accepts() {
         assert!(toc.contains(table), "the archive lists no {table}:\n{toc}");
     }
     // And pg_restore can restore it.
-    bed.cluster.create_db("from_file");
+    bed.base.cluster.create_db("from_file");
     let restored = bed
+        .base
         .cluster
         .client_command("pg_restore")
         .args(["--exit-on-error", "-d", "from_file"])
@@ -720,7 +668,7 @@ fn globals_recreates_a_role_the_source_had() {
         "ownership by the recreated role was not restored"
     );
     assert_eq!(
-        table_hashes(&bed.cluster, "app"),
+        table_hashes(&bed.base.cluster, "app"),
         table_hashes(&other, "app"),
         "the restore on the other cluster differs from the source"
     );
@@ -728,25 +676,6 @@ fn globals_recreates_a_role_the_source_had() {
 
 // ---------------------------------------------------------------------------------------
 // Staging files and signals
-
-/// A directory of PostgreSQL client tools to put first on `dr`'s PATH: every tool of the
-/// real bindir as a symlink, except `wrapped`, which are replaced by scripts. `dr` takes
-/// every client tool from the directory where it found `pg_dump`, so it must be complete.
-fn tool_dir(parent: &Path, wrapped: &[(&str, String)]) -> PathBuf {
-    let dir = parent.join("pgbin");
-    fs::create_dir_all(&dir).expect("create tool dir");
-    for entry in fs::read_dir(pg_bindir()).expect("read pg bindir") {
-        let entry = entry.expect("bindir entry");
-        let name = entry.file_name();
-        if wrapped.iter().all(|(w, _)| name.to_str() != Some(w)) {
-            std::os::unix::fs::symlink(entry.path(), dir.join(&name)).expect("symlink tool");
-        }
-    }
-    for (name, script) in wrapped {
-        write_script(&dir.join(name), script);
-    }
-    dir
-}
 
 /// A `pg_restore` wrapper that passes `--list`/`--version` straight through but, for a real
 /// restore, touches `marker` and sleeps a minute first (ending the sleep if it is
@@ -769,28 +698,6 @@ exec '{real}' "$@"
         real = pg_bindir().join("pg_restore").display(),
         marker = marker.display(),
     )
-}
-
-/// Waits for `child` up to `timeout`, killing it (and failing) if it runs longer.
-fn wait_with_timeout(mut child: Child, timeout: Duration) -> DrOutput {
-    let started = Instant::now();
-    while child.try_wait().expect("poll dr").is_none() {
-        if started.elapsed() > timeout {
-            let _ = child.kill();
-            let out = child.wait_with_output().expect("reap dr");
-            panic!(
-                "dr did not finish within {timeout:?}:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let out = child.wait_with_output().expect("collect dr output");
-    DrOutput {
-        status: out.status,
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
 }
 
 #[test]
@@ -819,7 +726,7 @@ fn staging_file_is_removed_after_success_failure_and_sigint() {
         .run();
     out.assert_failure_mentions(&["corrupted"]);
     bed.assert_staging_empty("a failed restore");
-    assert!(!db_exists(&bed.cluster, "damaged"));
+    assert!(!db_exists(&bed.base.cluster, "damaged"));
     fs::write(&object, &original).expect("repair data object");
 
     // SIGINT while pg_restore runs from the staged file.
@@ -868,7 +775,7 @@ fn staging_file_is_removed_after_success_failure_and_sigint() {
     );
     bed.assert_staging_empty("SIGINT");
     assert!(
-        !db_exists(&bed.cluster, "interrupted"),
+        !db_exists(&bed.base.cluster, "interrupted"),
         "the database the interrupted restore created was left behind:\n{}",
         out.stderr
     );
@@ -899,7 +806,7 @@ fn dry_run_touches_nothing() {
         out.stdout
     );
     assert!(
-        !db_exists(&bed.cluster, "planned"),
+        !db_exists(&bed.base.cluster, "planned"),
         "a dry run created the database"
     );
     bed.assert_staging_empty("a dry run");
@@ -912,11 +819,11 @@ fn dry_run_touches_nothing() {
     let plan: Value = serde_json::from_str(&json.stdout).expect("dry-run --json is JSON");
     assert_eq!(plan["backup_id"], id.as_str(), "{plan:#}");
     assert_eq!(plan["identity_can_decrypt"], true, "{plan:#}");
-    assert!(!db_exists(&bed.cluster, "planned"));
+    assert!(!db_exists(&bed.base.cluster, "planned"));
 
     // Even a dry run over a non-empty database with --force changes nothing.
-    bed.cluster.create_db("busy");
-    bed.cluster.psql(
+    bed.base.cluster.create_db("busy");
+    bed.base.cluster.psql(
         "busy",
         "CREATE TABLE t (id int); INSERT INTO t VALUES (1), (2)",
     );
@@ -924,7 +831,7 @@ fn dry_run_touches_nothing() {
         .args(["--force", "--dry-run"])
         .run()
         .assert_success();
-    assert_eq!(bed.cluster.psql("busy", "SELECT count(*) FROM t"), "2");
+    assert_eq!(bed.base.cluster.psql("busy", "SELECT count(*) FROM t"), "2");
 
     let other_dir = bed.dir().join("other-key");
     fs::create_dir(&other_dir).expect("create other key dir");
@@ -936,7 +843,7 @@ fn dry_run_touches_nothing() {
         .run();
     eprintln!("dry run with a wrong key:\n{}", out.stderr);
     out.assert_failure_mentions(&["identit"]);
-    assert!(!db_exists(&bed.cluster, "planned"));
+    assert!(!db_exists(&bed.base.cluster, "planned"));
 }
 
 #[test]
@@ -976,9 +883,9 @@ fn verify_deep_lists_the_archive() {
     // --deep needs the identity; without one in the config or on the command line it says so.
     let no_identity_dir = bed.dir().join("no-identity");
     fs::create_dir(&no_identity_dir).expect("create dir");
-    let body = encryption_toml(&[&bed.keys.recipient], None)
-        + &database_toml("app", &bed.cluster.url("app"), None);
-    let config = write_config(&no_identity_dir, &bed.storage, &body);
+    let body = encryption_toml(&[&bed.base.keys.recipient], None)
+        + &database_toml("app", &bed.base.cluster.url("app"), None);
+    let config = write_config(&no_identity_dir, &bed.base.storage, &body);
     Dr::new(&config).args(["verify"]).run().assert_success();
     let out = Dr::new(&config).args(["verify", "--deep"]).run();
     out.assert_failure_mentions(&["identit"]);
