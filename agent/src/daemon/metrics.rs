@@ -45,8 +45,7 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn new() -> Metrics {
-        let mut registry = Registry::default();
-        let m = Metrics {
+        let mut m = Metrics {
             last_success: Family::default(),
             duration: Family::default(),
             size: Family::default(),
@@ -59,57 +58,57 @@ impl Metrics {
             drill_failures: Family::default(),
             registry: Registry::default(),
         };
-        registry.register(
+        m.registry.register(
             "dr_backup_last_success_timestamp_seconds",
             "Start time of the newest good backup of each class",
             m.last_success.clone(),
         );
-        registry.register(
+        m.registry.register(
             "dr_backup_duration_seconds",
             "Duration of the last backup run",
             m.duration.clone(),
         );
-        registry.register(
+        m.registry.register(
             "dr_backup_size_bytes",
             "Size of the last backup: raw (pg_dump output) and stored",
             m.size.clone(),
         );
-        registry.register(
+        m.registry.register(
             "dr_backup_failures",
             "Backup runs that failed",
             m.failures.clone(),
         );
-        registry.register(
+        m.registry.register(
             "dr_rpo_seconds",
             "Age of the newest good backup (current recovery point objective reached)",
             m.rpo.clone(),
         );
-        registry.register(
+        m.registry.register(
             "dr_rpo_objective_seconds",
             "Configured recovery point objective",
             m.rpo_objective.clone(),
         );
-        registry.register(
+        m.registry.register(
             "dr_drill_last_success_timestamp_seconds",
             "End time of the last successful restore drill",
             m.drill_last_success.clone(),
         );
-        registry.register(
+        m.registry.register(
             "dr_drill_rto_seconds",
             "Measured recovery time of the last drill",
             m.drill_rto.clone(),
         );
-        registry.register(
+        m.registry.register(
             "dr_rto_objective_seconds",
             "Configured recovery time objective",
             m.rto_objective.clone(),
         );
-        registry.register(
+        m.registry.register(
             "dr_drill_failures",
             "Restore drills that failed",
             m.drill_failures.clone(),
         );
-        Metrics { registry, ..m }
+        m
     }
 
     /// The text exposition format.
