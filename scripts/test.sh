@@ -27,7 +27,7 @@ command -v runuser >/dev/null || missing+=(util-linux)
 [ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
 
 garage="$DR_TEST_CACHE/garage/bin/garage"
-if [ ! -x "$garage" ] || ! "$garage" --version 2>/dev/null | grep -q "v$GARAGE_VERSION"; then
+if [ ! -x "$garage" ] || ! "$garage" --version 2>/dev/null | grep -q "$GARAGE_VERSION"; then
     echo "==> building Garage $GARAGE_VERSION into $DR_TEST_CACHE (about 10 minutes, once)"
     mkdir -p "$DR_TEST_CACHE"
     CARGO_TARGET_DIR="$DR_TEST_CACHE/garage-target" \
