@@ -99,6 +99,13 @@ pub async fn acquire(
                 if let Some(held) = read(repo, &key).await? {
                     return Ok(Acquired::HeldBy(held));
                 }
+            } else if repo.storage().atomic_create() {
+                // The create was exclusive: no need to wait and read it back.
+                return Ok(Acquired::Yes(LockGuard {
+                    repo: repo.clone(),
+                    key,
+                    owner: owner.to_string(),
+                }));
             }
         }
         Some(expired) => {

@@ -119,6 +119,10 @@ impl Storage for FileStorage {
         }
     }
 
+    fn atomic_create(&self) -> bool {
+        true
+    }
+
     async fn get(&self, key: &str) -> Result<Bytes, StorageError> {
         let path = self.path(key);
         tokio::fs::read(&path)

@@ -58,6 +58,13 @@ pub trait Storage: Send + Sync + fmt::Debug {
     /// exclusivity read the object back (see the agent's lock).
     async fn put_if_absent(&self, key: &str, data: Bytes) -> Result<bool, StorageError>;
 
+    /// Whether `put_if_absent` is known to be atomic here. S3-compatible stores answer the
+    /// same whether they honour `If-None-Match` or ignore it (Garage), so only the local
+    /// disk can promise it.
+    fn atomic_create(&self) -> bool {
+        false
+    }
+
     /// Reads a small object whole.
     async fn get(&self, key: &str) -> Result<Bytes, StorageError>;
 
