@@ -7,10 +7,11 @@ use std::time::Instant;
 use dr_core::config::{Config, DatabaseConfig, DrillSample, DrillTarget};
 use dr_core::keys::Identities;
 use dr_core::manifest::{BackupId, Manifest, ObjectRole};
-use dr_core::pg::{quote_ident, ConnUrl, Connection, PgTools};
+use dr_core::pg::{quote_ident, ConnUrl, Connection};
 use dr_core::repo::Repository;
 use dr_restore::run::{Confirm, Destination, Request, Watch};
 use dr_restore::select::Selector;
+use dr_restore::target::Target;
 use jiff::Timestamp;
 use tokio_util::sync::CancellationToken;
 
@@ -141,12 +142,21 @@ async fn attempt(
             let target = admin.for_database(&name);
             let check_target = target.clone();
             tokio::task::spawn_blocking(move || {
-                same_server_and_absent(&source, &admin, &check_target, allow)
+                refuse_same_server_or_existing(&source, check_target, major, allow)
             })
             .await
             .expect("server check panicked")?;
             (Scratch::Server, target)
         }
+    };
+    // One discovery of client tools for every check and the cleanup.
+    let scratch_target = {
+        let c = conn.clone();
+        Arc::new(
+            tokio::task::spawn_blocking(move || Target::connect(c, major))
+                .await
+                .expect("scratch connect panicked")?,
+        )
     };
     r.stages.prepare = started.elapsed().as_secs_f64();
 
@@ -187,7 +197,7 @@ async fn attempt(
     });
 
     let checks_started = Instant::now();
-    let result = run_checks(repo, &m, db, identities, &conn, r).await;
+    let result = run_checks(repo, &m, db, identities, &scratch_target, r).await;
     r.stages.checks = checks_started.elapsed().as_secs_f64();
 
     match scratch {
@@ -197,8 +207,8 @@ async fn attempt(
                 .expect("stop panicked");
         }
         Scratch::Server if summary.target_created => {
-            let c = conn.clone();
-            let dropped = tokio::task::spawn_blocking(move || drop_database(&c))
+            let t = scratch_target.clone();
+            let dropped = tokio::task::spawn_blocking(move || t.drop_created())
                 .await
                 .expect("drop panicked");
             if let Err(e) = dropped {
@@ -225,35 +235,26 @@ fn pick(backups: &[Manifest], sample: DrillSample, n: usize) -> Option<Manifest>
 }
 
 /// Refuses the backed-up server itself (unless allowed) and an existing database name.
-fn same_server_and_absent(
+fn refuse_same_server_or_existing(
     source: &Connection,
-    admin: &Connection,
-    target: &Connection,
+    target: Connection,
+    major: u32,
     allow_same_server: bool,
 ) -> Result<(), DrillError> {
-    let tools = PgTools::discover();
-    let tools = PgTools::newest(&tools)?.clone();
+    let target = Target::connect(target, major)?;
     let ident = "select system_identifier from pg_control_system()";
-    let admin = admin.for_database("postgres");
-    let scratch_id = admin.query(&tools, ident)?;
-    let source_id = source.query(&tools, ident);
-    let same = match &source_id {
-        Ok(id) => *id == scratch_id,
+    let admin = target.conn.for_database("postgres");
+    let scratch_id = admin.query(&target.tools, ident)?;
+    let same = match source.query(&target.tools, ident) {
+        Ok(id) => id == scratch_id,
         // Without access to the source's identifier, compare where the URLs point.
         Err(_) => host_port(&source.url) == host_port(&admin.url),
     };
     if same && !allow_same_server {
         return Err(DrillError::SameServer(scratch_id));
     }
-    let exists = admin.query(
-        &tools,
-        &format!(
-            "select count(*) from pg_database where datname = {}",
-            dr_core::pg::quote_literal(target.url.dbname())
-        ),
-    )?;
-    if exists != "0" {
-        return Err(DrillError::Exists(target.url.dbname().to_string()));
+    if target.inspect()?.exists {
+        return Err(DrillError::Exists(target.database().to_string()));
     }
     Ok(())
 }
@@ -263,27 +264,12 @@ fn host_port(url: &ConnUrl) -> Option<(String, u16)> {
     Some((u.host_str()?.to_string(), u.port().unwrap_or(5432)))
 }
 
-fn drop_database(conn: &Connection) -> Result<(), DrillError> {
-    let tools = PgTools::discover();
-    let tools = PgTools::newest(&tools)?.clone();
-    let admin = conn.for_database("postgres");
-    admin.query(
-        &tools,
-        &format!(
-            "drop database if exists {} with (force)",
-            quote_ident(conn.url.dbname())
-        ),
-    )?;
-    tracing::info!(database = conn.url.dbname(), "dropped the drill's database");
-    Ok(())
-}
-
 async fn run_checks(
     repo: &Repository,
     m: &Manifest,
     db: &DatabaseConfig,
     identities: Arc<Identities>,
-    conn: &Connection,
+    target: &Arc<Target>,
     r: &mut DrillReport,
 ) -> Result<(), DrillError> {
     let drill = db.drill.as_ref().expect("checked");
@@ -308,9 +294,9 @@ async fn run_checks(
             )
             .await?;
             let expected: BTreeMap<String, u64> = serde_json::from_slice(&json).unwrap_or_default();
-            let c = conn.clone();
+            let t = target.clone();
             let tables: Vec<String> = expected.keys().cloned().collect();
-            let found = tokio::task::spawn_blocking(move || count_rows(&c, &tables))
+            let found = tokio::task::spawn_blocking(move || count_rows(&t, &tables))
                 .await
                 .expect("count panicked");
             r.checks.push(match found {
@@ -347,14 +333,10 @@ async fn run_checks(
     }
     // The configured checks: each must return true.
     for (i, sql) in drill.checks.iter().enumerate() {
-        let (c, q) = (conn.clone(), sql.clone());
-        let result = tokio::task::spawn_blocking(move || {
-            let tools = PgTools::discover();
-            let tools = PgTools::newest(&tools)?.clone();
-            Ok::<_, DrillError>(c.query(&tools, &q)?)
-        })
-        .await
-        .expect("check panicked");
+        let (t, q) = (target.clone(), sql.clone());
+        let result = tokio::task::spawn_blocking(move || t.conn.query(&t.tools, &q))
+            .await
+            .expect("check panicked");
         let name = format!("check #{}", i + 1);
         r.checks.push(match result {
             Ok(v) if v == "t" => Check {
@@ -384,12 +366,10 @@ async fn run_checks(
 }
 
 /// Exact counts of `tables` (`schema.name`) in the restored database.
-fn count_rows(conn: &Connection, tables: &[String]) -> Result<BTreeMap<String, u64>, DrillError> {
+fn count_rows(target: &Target, tables: &[String]) -> Result<BTreeMap<String, u64>, DrillError> {
     if tables.is_empty() {
         return Ok(BTreeMap::new());
     }
-    let tools = PgTools::discover();
-    let tools = PgTools::newest(&tools)?.clone();
     let sql = tables
         .iter()
         .enumerate()
@@ -404,7 +384,7 @@ fn count_rows(conn: &Connection, tables: &[String]) -> Result<BTreeMap<String, u
         .collect::<Vec<_>>()
         .join(" union all ")
         + " order by 1";
-    let out = conn.query(&tools, &sql)?;
+    let out = target.conn.query(&target.tools, &sql)?;
     Ok(out
         .lines()
         .filter_map(|l| {

@@ -494,16 +494,13 @@ impl S3Upload {
     async fn abort_now(&mut self) -> Result<(), StorageError> {
         self.in_flight.abort_all();
         while self.in_flight.join_next().await.is_some() {}
-        let s = &self.storage;
-        s.client
-            .abort_multipart_upload()
-            .bucket(&s.bucket)
-            .key(s.full_key(&self.key))
-            .upload_id(&self.upload_id)
-            .send()
+        self.storage
+            .abort_pending(&super::PendingUpload {
+                key: self.key.clone(),
+                upload_id: self.upload_id.clone(),
+                initiated: None,
+            })
             .await
-            .map_err(|e| s.error("abort upload of", &self.key, e))?;
-        Ok(())
     }
 }
 
