@@ -407,6 +407,14 @@ impl Config {
         }
     }
 
+    /// The database named `name`, or every database when `name` is `None`.
+    pub fn databases_named(&self, name: Option<&str>) -> Vec<&DatabaseConfig> {
+        self.databases
+            .iter()
+            .filter(|d| name.is_none_or(|n| d.name.as_str() == n))
+            .collect()
+    }
+
     pub fn database(&self, name: &str) -> Option<&DatabaseConfig> {
         self.databases.iter().find(|d| d.name.as_str() == name)
     }

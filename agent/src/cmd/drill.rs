@@ -61,13 +61,8 @@ impl Args {
             return history(&repo, database.as_deref(), json, plot.as_deref()).await;
         }
         let dbs: Vec<_> = config
-            .databases
-            .iter()
-            .filter(|d| {
-                self.database
-                    .as_deref()
-                    .is_none_or(|n| d.name.as_str() == n)
-            })
+            .databases_named(self.database.as_deref())
+            .into_iter()
             .filter(|d| d.drill.is_some() || self.database.is_some())
             .collect();
         if dbs.is_empty() {

@@ -27,15 +27,7 @@ impl Args {
     pub async fn run(self, config_path: &Path) -> anyhow::Result<ExitCode> {
         let config = super::load_config(config_path)?;
         let repo = super::open_repo(&config).await?;
-        let dbs: Vec<_> = config
-            .databases
-            .iter()
-            .filter(|d| {
-                self.database
-                    .as_deref()
-                    .is_none_or(|n| d.name.as_str() == n)
-            })
-            .collect();
+        let dbs = config.databases_named(self.database.as_deref());
         if dbs.is_empty() {
             anyhow::bail!(
                 "no configured database matches {}",
