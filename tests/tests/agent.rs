@@ -720,6 +720,38 @@ fn status_reports_rpo_against_objective() {
         "no breach reported with a 1 s objective: {row:#}"
     );
     assert_eq!(row["rpo_objective_seconds"], 1, "{row:#}");
+
+    // The fleet view: another environment's backups in the same repository show up too.
+    let other = config.with_file_name("other-env.toml");
+    let text = std::fs::read_to_string(&config).expect("read config");
+    let env_line = format!("environment = \"{ENV}\"");
+    assert!(text.contains(&env_line), "{text}");
+    std::fs::write(
+        &other,
+        text.replace(&env_line, "environment = \"elsewhere\""),
+    )
+    .expect("write config");
+    let other_id = bed.backup(&other, "daily");
+    let out = bed
+        .dr(&config)
+        .args(["status", "--json", "--all-environments"])
+        .run();
+    out.assert_success();
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&out.stdout).expect("JSON rows");
+    let fleet: Vec<(&str, &str)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["environment"].as_str().unwrap_or(""),
+                r["last_backup_id"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert!(fleet.contains(&(ENV, id.as_str())), "{fleet:?}");
+    assert!(
+        fleet.contains(&("elsewhere", other_id.as_str())),
+        "{fleet:?}"
+    );
 }
 
 #[test]
