@@ -16,7 +16,7 @@ use crate::pipeline::child::ChildError;
 use crate::pipeline::encode::EncodeOptions;
 use crate::pipeline::{self, Control, PipelineError, Stored};
 use crate::repo::{Repository, DATA_OBJECT, GLOBALS_OBJECT, ROW_COUNTS_OBJECT};
-use crate::snapshot::SnapshotSession;
+use crate::snapshot::{CountsUnavailable, HeldSnapshot};
 use crate::storage::StorageError;
 
 #[derive(Debug, thiserror::Error)]
@@ -61,12 +61,7 @@ pub async fn run(
         return Err(BackupError::NoRecipients);
     }
     let conn = Connection::new(&db.url, db.password_file.as_deref())?;
-    let (tools, server) = {
-        let conn = conn.clone();
-        tokio::task::spawn_blocking(move || choose_tools(&conn))
-            .await
-            .expect("tool discovery panicked")?
-    };
+    let (tools, server) = choose_tools(&conn).await?;
     let opts = EncodeOptions {
         level: config.compression.level,
         threads: config.compression.threads,
@@ -82,58 +77,72 @@ pub async fn run(
     );
 
     // With drills configured, a held snapshot lets the dump and exact row counts see the
-    // same data; the counts run concurrently with the dump.
-    let session = match &db.drill {
-        Some(_) => {
-            let (c, t) = (conn.clone(), tools.clone());
-            Some(
-                tokio::task::spawn_blocking(move || SnapshotSession::open(&c, &t))
-                    .await
-                    .expect("snapshot session panicked")?,
-            )
-        }
+    // same data; the counts run concurrently with the dump, on their own session.
+    let mut row_counts_unavailable = None;
+    let held = match &db.drill {
+        Some(_) => match HeldSnapshot::open(&conn).await {
+            Ok(h) => Some(h),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not hold a snapshot for row counts; backing up without them");
+                row_counts_unavailable = Some(CountsUnavailable::from(&e).0);
+                None
+            }
+        },
         None => None,
     };
-    let snapshot_id = session.as_ref().map(|s| s.id.clone());
-    let counting = session.map(|mut s| {
-        tokio::task::spawn_blocking(move || {
-            let counts = s.row_counts();
-            (s, counts)
-        })
-    });
+    let snapshot_id = held.as_ref().map(|s| s.id.clone());
+    let counting = match &held {
+        Some(h) => Some(h.start_counting(&conn).await),
+        None => None,
+    };
 
     let storage = repo.storage();
     let data_key = repo.object_key(database, &id, DATA_OBJECT);
-    let data = pipeline::encrypt_to_storage(
-        conn.spawn_pg_dump(&tools, snapshot_id.as_deref())?,
-        pipeline::PG_DUMP_CUSTOM,
-        storage,
-        &data_key,
-        &recipients,
-        opts,
-        control,
-    )
-    .await
-    .map_err(|source| BackupError::Pipeline {
-        what: "the database dump (pg_dump)",
-        source,
-    })?;
-
-    // The snapshot may only be released once pg_dump has finished with it.
-    let row_counts = match counting {
-        Some(task) => {
-            let (session, counts) = task.await.expect("row counting panicked");
-            let _ = session.close();
-            match counts {
-                Ok(c) => Some(c),
-                Err(e) => {
-                    tracing::warn!(error = %e, "could not count rows; drills of this backup will skip the row-count check");
-                    None
-                }
+    let dumped = match conn.spawn_pg_dump(&tools, snapshot_id.as_deref()) {
+        Ok(source) => pipeline::encrypt_to_storage(
+            source,
+            pipeline::PG_DUMP_CUSTOM,
+            storage,
+            &data_key,
+            &recipients,
+            opts,
+            control,
+        )
+        .await
+        .map_err(|source| BackupError::Pipeline {
+            what: "the database dump (pg_dump)",
+            source,
+        }),
+        Err(e) => Err(e.into()),
+    };
+    let data = match dumped {
+        Ok(d) => d,
+        Err(e) => {
+            // Nothing of this backup stays open on the source.
+            if let Some(c) = counting {
+                c.abort().await;
             }
+            if let Some(h) = held {
+                h.close().await;
+            }
+            return Err(e);
         }
+    };
+
+    // The snapshot may only be released once pg_dump and the counts are done with it.
+    let row_counts = match counting {
+        Some(c) => match c.finish().await {
+            Ok(counts) => Some(counts),
+            Err(reason) => {
+                row_counts_unavailable = Some(reason.0);
+                None
+            }
+        },
         None => None,
     };
+    if let Some(h) = held {
+        h.close().await;
+    }
 
     let globals_key = repo.object_key(database, &id, GLOBALS_OBJECT);
     let globals = match dump_globals(
@@ -220,6 +229,7 @@ pub async fn run(
             recipients: recipients.to_strings(),
         },
         objects,
+        row_counts_unavailable,
     };
     if let Err(e) = repo.commit(&manifest).await {
         discard(repo, &[&data_key, &globals_key, &counts_key]).await;
@@ -239,10 +249,12 @@ pub async fn run(
     Ok(manifest)
 }
 
-/// Asks the server its version with the newest local `psql`, then picks the `pg_dump`.
-fn choose_tools(conn: &Connection) -> Result<(PgTools, ServerVersion), PgError> {
-    let found = PgTools::discover();
-    let server = conn.server_version(PgTools::newest(&found)?)?;
+/// Asks the server its version, then picks the `pg_dump` for it.
+async fn choose_tools(conn: &Connection) -> Result<(PgTools, ServerVersion), PgError> {
+    let server = conn.connect("dr").await?.server_version().await?;
+    let found = tokio::task::spawn_blocking(PgTools::discover)
+        .await
+        .expect("tool discovery panicked");
     let tools = PgTools::for_server(&found, &server)?;
     Ok((tools, server))
 }

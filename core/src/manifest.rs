@@ -37,6 +37,10 @@ pub struct Manifest {
     pub compression: Compression,
     pub encryption: Encryption,
     pub objects: Vec<ObjectEntry>,
+    /// Why there are no row counts although drills are configured: a category and SQLSTATE,
+    /// never a table name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub row_counts_unavailable: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -189,6 +193,7 @@ mod tests {
                 recipients: vec!["age1x".into()],
             },
             objects: vec![],
+            row_counts_unavailable: None,
         }
     }
 

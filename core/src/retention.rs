@@ -253,6 +253,7 @@ mod tests {
                 recipients: vec![],
             },
             objects: vec![],
+            row_counts_unavailable: None,
         }
     }
 

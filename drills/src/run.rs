@@ -7,7 +7,8 @@ use std::time::Instant;
 use dr_core::config::{Config, DatabaseConfig, DrillSample, DrillTarget};
 use dr_core::keys::Identities;
 use dr_core::manifest::{BackupId, Manifest, ObjectRole};
-use dr_core::pg::{quote_ident, ConnUrl, Connection};
+use dr_core::pg::counts::count_rows;
+use dr_core::pg::{ConnUrl, Connection};
 use dr_core::repo::Repository;
 use dr_restore::run::{Confirm, Destination, Request, Watch};
 use dr_restore::select::Selector;
@@ -140,24 +141,12 @@ async fn attempt(
                 r.id.to_lowercase().replace('-', "_")
             );
             let target = admin.for_database(&name);
-            let check_target = target.clone();
-            tokio::task::spawn_blocking(move || {
-                refuse_same_server_or_existing(&source, check_target, major, allow)
-            })
-            .await
-            .expect("server check panicked")?;
+            refuse_same_server_or_existing(&source, target.clone(), major, allow).await?;
             (Scratch::Server, target)
         }
     };
     // One discovery of client tools for every check and the cleanup.
-    let scratch_target = {
-        let c = conn.clone();
-        Arc::new(
-            tokio::task::spawn_blocking(move || Target::connect(c, major))
-                .await
-                .expect("scratch connect panicked")?,
-        )
-    };
+    let scratch_target = Arc::new(Target::connect(conn.clone(), major).await?);
     r.stages.prepare = started.elapsed().as_secs_f64();
 
     let server = matches!(scratch, Scratch::Server);
@@ -207,11 +196,7 @@ async fn attempt(
                 .expect("stop panicked");
         }
         Scratch::Server if summary.target_created => {
-            let t = scratch_target.clone();
-            let dropped = tokio::task::spawn_blocking(move || t.drop_created())
-                .await
-                .expect("drop panicked");
-            if let Err(e) = dropped {
+            if let Err(e) = scratch_target.drop_created().await {
                 tracing::error!(error = %e, database = conn.url.dbname(), "could not drop the drill's database; drop it by hand");
             }
         }
@@ -235,25 +220,33 @@ fn pick(backups: &[Manifest], sample: DrillSample, n: usize) -> Option<Manifest>
 }
 
 /// Refuses the backed-up server itself (unless allowed) and an existing database name.
-fn refuse_same_server_or_existing(
+async fn refuse_same_server_or_existing(
     source: &Connection,
     target: Connection,
     major: u32,
     allow_same_server: bool,
 ) -> Result<(), DrillError> {
-    let target = Target::connect(target, major)?;
-    let ident = "select system_identifier from pg_control_system()";
-    let admin = target.conn.for_database("postgres");
-    let scratch_id = admin.query(&target.tools, ident)?;
-    let same = match source.query(&target.tools, ident) {
+    let target = Target::connect(target, major).await?;
+    const IDENT: &str = "SELECT system_identifier::text FROM pg_control_system()";
+    let scratch_id: String = target
+        .admin_session()
+        .await?
+        .query_one(IDENT, &[])
+        .await?
+        .get(0);
+    let source_id = match source.connect("dr drill").await {
+        Ok(c) => c.query_one(IDENT, &[]).await.map(|r| r.get::<_, String>(0)),
+        Err(e) => Err(e),
+    };
+    let same = match source_id {
         Ok(id) => id == scratch_id,
         // Without access to the source's identifier, compare where the URLs point.
-        Err(_) => host_port(&source.url) == host_port(&admin.url),
+        Err(_) => host_port(&source.url) == host_port(&target.conn.for_database("postgres").url),
     };
     if same && !allow_same_server {
         return Err(DrillError::SameServer(scratch_id));
     }
-    if target.inspect()?.exists {
+    if target.inspect().await?.exists {
         return Err(DrillError::Exists(target.database().to_string()));
     }
     Ok(())
@@ -278,9 +271,10 @@ async fn run_checks(
         None => r.checks.push(Check {
             name: "row counts".into(),
             passed: true,
-            detail:
-                "skipped: the backup recorded no row counts (taken before drills were configured)"
-                    .into(),
+            detail: match &m.row_counts_unavailable {
+                Some(reason) => format!("row counts unavailable: {reason} at backup time"),
+                None => "skipped: the backup recorded no row counts (taken before drills were configured)".into(),
+            },
         }),
         Some(entry) => {
             let (_, json) = dr_restore::fetch::fetch_decoded(
@@ -293,17 +287,29 @@ async fn run_checks(
                 &Default::default(),
             )
             .await?;
-            let expected: BTreeMap<String, u64> = serde_json::from_slice(&json).unwrap_or_default();
-            let t = target.clone();
-            let tables: Vec<String> = expected.keys().cloned().collect();
-            let found = tokio::task::spawn_blocking(move || count_rows(&t, &tables))
-                .await
-                .expect("count panicked");
+            let expected: Result<BTreeMap<String, u64>, _> = serde_json::from_slice(&json);
+            let found = match expected {
+                Ok(expected) => target
+                    .session("dr drill")
+                    .await
+                    .map_err(DrillError::from)
+                    .map(|c| (c, expected)),
+                Err(e) => Err(DrillError::Scratch(format!(
+                    "the backup's row counts do not parse: {e}"
+                ))),
+            };
+            let (found, expected) = match found {
+                Ok((client, expected)) => (
+                    count_rows(&client, None).await.map_err(DrillError::from),
+                    expected,
+                ),
+                Err(e) => (Err(e), BTreeMap::new()),
+            };
             r.checks.push(match found {
                 Ok(found) => {
                     let differ: Vec<&String> = expected
                         .iter()
-                        .filter(|(t, n)| found.get(*t) != Some(n))
+                        .filter(|(t, n)| found.get(t) != Some(**n))
                         .map(|(t, _)| t)
                         .collect();
                     if !differ.is_empty() {
@@ -333,19 +339,19 @@ async fn run_checks(
     }
     // The configured checks: each must return true.
     for (i, sql) in drill.checks.iter().enumerate() {
-        let (t, q) = (target.clone(), sql.clone());
-        let result = tokio::task::spawn_blocking(move || t.conn.query(&t.tools, &q))
-            .await
-            .expect("check panicked");
+        let result = match target.session("dr drill check").await {
+            Ok(client) => client.first_value(sql).await,
+            Err(e) => Err(e),
+        };
         let name = format!("check #{}", i + 1);
         r.checks.push(match result {
-            Ok(v) if v == "t" => Check {
+            Ok(Some(v)) if v == "t" => Check {
                 name,
                 passed: true,
                 detail: "returned true".into(),
             },
             Ok(v) => {
-                tracing::error!(check = i + 1, returned = %v, "drill check did not return true");
+                tracing::error!(check = i + 1, returned = ?v, "drill check did not return true");
                 Check {
                     name,
                     passed: false,
@@ -363,36 +369,4 @@ async fn run_checks(
         });
     }
     Ok(())
-}
-
-/// Exact counts of `tables` (`schema.name`) in the restored database.
-fn count_rows(target: &Target, tables: &[String]) -> Result<BTreeMap<String, u64>, DrillError> {
-    if tables.is_empty() {
-        return Ok(BTreeMap::new());
-    }
-    let sql = tables
-        .iter()
-        .enumerate()
-        .map(|(i, t)| {
-            let (schema, name) = t.split_once('.').unwrap_or(("public", t));
-            format!(
-                "select {i}, count(*) from only {}.{}",
-                quote_ident(schema),
-                quote_ident(name)
-            )
-        })
-        .collect::<Vec<_>>()
-        .join(" union all ")
-        + " order by 1";
-    let out = target.conn.query(&target.tools, &sql)?;
-    Ok(out
-        .lines()
-        .filter_map(|l| {
-            let (i, n) = l.split_once('|')?;
-            Some((
-                tables.get(i.parse::<usize>().ok()?)?.clone(),
-                n.parse().ok()?,
-            ))
-        })
-        .collect())
 }

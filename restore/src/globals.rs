@@ -9,6 +9,8 @@ use dr_core::pg::{Connection, PgError, PgTools};
 use dr_core::pipeline::child::ChildError;
 use serde::Serialize;
 
+use crate::target::Target;
+
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
 pub struct GlobalsReport {
     pub created: Vec<String>,
@@ -17,14 +19,25 @@ pub struct GlobalsReport {
     pub errors: Vec<String>,
 }
 
-/// Runs the `pg_dumpall --globals-only` script `sql` against the target's server.
-pub fn apply(conn: &Connection, tools: &PgTools, sql: &str) -> Result<GlobalsReport, PgError> {
-    let existing: BTreeSet<String> = conn
-        .query(tools, "select rolname from pg_roles")?
-        .lines()
-        .map(str::to_string)
-        .collect();
-    let (script, mut report) = filter(sql, &existing);
+/// The roles that exist on the target's server.
+pub async fn existing_roles(target: &Target) -> Result<BTreeSet<String>, PgError> {
+    let rows = target
+        .admin_session()
+        .await?
+        .query("SELECT rolname::text FROM pg_roles", &[])
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// Runs the `pg_dumpall --globals-only` script `sql` against the target's server with
+/// `psql`, the stock tool for it, leaving the roles in `existing` unchanged.
+pub fn apply(
+    conn: &Connection,
+    tools: &PgTools,
+    sql: &str,
+    existing: &BTreeSet<String>,
+) -> Result<GlobalsReport, PgError> {
+    let (script, mut report) = filter(sql, existing);
 
     let mut child = conn
         .command(&tools.bin("psql"))

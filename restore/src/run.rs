@@ -222,11 +222,7 @@ pub async fn dry_run(repo: &Repository, req: &Request) -> Result<DryRun, Restore
         } => {
             let conn = conn.clone();
             let major = archive_major(&m);
-            let state = blocking(move || {
-                let t = Target::connect(conn, major)?;
-                Ok(t.inspect()?)
-            })
-            .await?;
+            let state = Target::connect(conn, major).await?.inspect().await?;
             let db = match &req.destination {
                 Destination::Database { conn, .. } => conn.url.to_string(),
                 Destination::File(_) => unreachable!(),
@@ -302,16 +298,8 @@ pub async fn restore(
             no_acl,
         } => {
             summary.destination = conn.url.to_string();
-            let target = {
-                let conn = conn.clone();
-                let major = archive_major(&m);
-                blocking(move || Ok(Target::connect(conn, major)?)).await?
-            };
-            let target = Arc::new(target);
-            let state = {
-                let t = target.clone();
-                blocking(move || Ok(t.inspect()?)).await?
-            };
+            let target = Arc::new(Target::connect(conn.clone(), archive_major(&m)).await?);
+            let state = target.inspect().await?;
             let clean = check_target(&target, &state, *create, *force, confirm)?;
             let opts = PgRestoreOptions {
                 jobs: req.jobs,
@@ -491,8 +479,7 @@ async fn staged(
         return Err(RestoreError::Cancelled);
     }
     if summary.target_created {
-        let t = target.clone();
-        blocking(move || Ok(t.create()?)).await?;
+        target.create().await?;
     }
     if with_globals {
         summary.globals = Some(apply_globals(repo, m, req, target, watch).await?);
@@ -513,8 +500,7 @@ async fn staged(
 
 /// Drops a database this restore created, after a failure, so no half-restore remains.
 async fn drop_created(target: &Arc<Target>) {
-    let t = target.clone();
-    if let Err(e) = blocking(move || Ok(t.drop_created()?)).await {
+    if let Err(e) = target.drop_created().await {
         tracing::error!(error = %e, database = target.database(), "could not drop the database this restore created; drop it by hand");
     }
 }
@@ -562,10 +548,7 @@ async fn streamed(
 ) -> Result<(), RestoreError> {
     // A wrong key is found before anything is created.
     check_key(repo, m, data, req).await?;
-    {
-        let t = target.clone();
-        blocking(move || Ok(t.create()?)).await?;
-    }
+    target.create().await?;
     tracing::info!(
         database = target.database(),
         "streaming into a database this restore created; if anything fails it is dropped"
@@ -640,12 +623,14 @@ async fn apply_globals(
         &FetchClock::default(),
     )
     .await?;
+    let existing = globals::existing_roles(target).await?;
     let t = target.clone();
     let report = blocking(move || {
         Ok(globals::apply(
             &t.conn,
             &t.tools,
             &String::from_utf8_lossy(&sql),
+            &existing,
         )?)
     })
     .await?;

@@ -44,6 +44,8 @@ fsync = off
 synchronous_commit = off
 full_page_writes = off
 max_wal_size = 256MB
+# pg_dump and dr's row counts lock every table: a 5,000-table database needs room.
+max_locks_per_transaction = 512
 logging_collector = off
 ";
 
@@ -181,6 +183,41 @@ impl PgCluster {
         self.psql(
             "postgres",
             &format!("CREATE DATABASE {}", quote_ident(name)),
+        );
+    }
+
+    /// Turns TLS on with `cert` and `key` (PEM) and refuses every TCP connection without it.
+    pub fn require_tls(&self, cert: &Path, key: &Path) {
+        let data = self.data_dir();
+        for (from, name) in [(cert, "server.crt"), (key, "server.key")] {
+            let to = data.join(name);
+            fs::copy(from, &to).expect("copy TLS file");
+            fs::set_permissions(&to, fs::Permissions::from_mode(0o600)).expect("chmod TLS file");
+            self.give_to_server_user(&to);
+        }
+        let mut conf = fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("postgresql.conf"))
+            .expect("open postgresql.conf");
+        writeln!(
+            conf,
+            "ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'"
+        )
+        .expect("write postgresql.conf");
+        fs::write(
+            data.join("pg_hba.conf"),
+            "local all all trust\n\
+             hostssl all all 127.0.0.1/32 scram-sha-256\n\
+             hostnossl all all 0.0.0.0/0 reject\n",
+        )
+        .expect("write pg_hba.conf");
+        self.psql("postgres", "SELECT pg_reload_conf()");
+        let out = self.try_psql("postgres", "SHOW ssl");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "on",
+            "TLS did not turn on:\n{}",
+            self.log()
         );
     }
 

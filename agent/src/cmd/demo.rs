@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use dr_core::config::Config;
-use dr_core::pg::{ConnUrl, Connection, PgTools};
+use dr_core::pg::{ConnUrl, Connection};
 use dr_drills::ephemeral::EphemeralCluster;
 
 /// Try dr end to end: a throwaway PostgreSQL with sample data, a file:// repository and a
@@ -54,15 +54,12 @@ impl Args {
             None,
         )?;
         let shop = admin.for_database("shop");
-        tokio::task::spawn_blocking(move || {
-            let tools = PgTools::discover();
-            let tools = PgTools::newest(&tools)?.clone();
-            admin.query(&tools, "create database shop")?;
-            shop.query(&tools, SEED)?;
-            Ok::<_, dr_core::pg::PgError>(())
-        })
-        .await
-        .expect("seed panicked")?;
+        admin
+            .connect("dr demo")
+            .await?
+            .execute("create database shop")
+            .await?;
+        shop.connect("dr demo").await?.execute(SEED).await?;
 
         let dir = tempfile::Builder::new().prefix("dr-demo-").tempdir()?;
         let work = dir.path().to_path_buf();

@@ -1,9 +1,20 @@
-//! PostgreSQL helpers: connection URLs and their secrets, finding client binaries that match
-//! a server's major version, and running `psql`, `pg_dump` and `pg_dumpall` as children.
+//! PostgreSQL: connection URLs and their secrets, dr's own sessions ([`client`], through
+//! tokio-postgres, with [`tls`] as libpq means `sslmode`), finding client binaries that match
+//! a server's major version, and running `pg_dump` and `pg_dumpall` as children.
 //!
 //! Every child gets its password through `PGPASSWORD` in its environment, never on argv, and
 //! uses libpq itself, so TLS settings (`sslmode`, `sslrootcert`), `~/.pgpass` and service files
 //! work exactly as they do for the stock tools.
+
+pub mod client;
+pub mod counts;
+pub mod tls;
+
+pub use client::{Canceller, PgClient};
+/// Quoting comes from the protocol crate, never from string replacement here.
+pub use postgres_protocol::escape::{
+    escape_identifier as quote_ident, escape_literal as quote_literal,
+};
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -31,6 +42,13 @@ pub enum PgError {
         url: String,
         message: String,
     },
+    #[error("query on database `{database}` failed: {message}")]
+    Query {
+        database: String,
+        message: String,
+        /// The server's SQLSTATE, when the server reported the error.
+        sqlstate: Option<String>,
+    },
     #[error("cannot read password file: {0}")]
     PasswordFile(#[from] crate::keys::KeyError),
     #[error("password file {path} is empty")]
@@ -45,6 +63,8 @@ pub enum PgError {
 pub struct ConnUrl {
     /// The URL with any password removed: safe for argv.
     without_password: String,
+    /// The same, parsed: what dr's own sessions connect with.
+    parsed: url::Url,
     password: Option<SecretString>,
     dbname: String,
 }
@@ -69,6 +89,7 @@ impl ConnUrl {
         url.set_path(&format!("/{dbname}"));
         ConnUrl {
             without_password: url.to_string(),
+            parsed: url,
             password: self.password.clone(),
             dbname: dbname.to_string(),
         }
@@ -125,6 +146,7 @@ impl TryFrom<String> for ConnUrl {
         }
         Ok(ConnUrl {
             without_password: url.to_string(),
+            parsed: url,
             password,
             dbname: percent_decode(&dbname),
         })
@@ -132,10 +154,9 @@ impl TryFrom<String> for ConnUrl {
 }
 
 fn percent_decode(s: &str) -> String {
-    url::form_urlencoded::parse(format!("x={}", s.replace('+', "%2B")).as_bytes())
-        .next()
-        .map(|(_, v)| v.into_owned())
-        .unwrap_or_default()
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 /// How to reach one database: its URL and the password resolved from the config.
@@ -207,45 +228,6 @@ impl Connection {
         cmd
     }
 
-    /// `psql` for scripts: no psqlrc, unaligned, tuples only, stop at the first error.
-    pub fn psql(&self, tools: &PgTools) -> Command {
-        let mut cmd = self.command(&tools.bin("psql"));
-        cmd.args([
-            "-X",
-            "-A",
-            "-t",
-            "-q",
-            "--no-password",
-            "-v",
-            "ON_ERROR_STOP=1",
-        ])
-        .arg("-d")
-        .arg(self.url.for_argv());
-        cmd
-    }
-
-    /// Runs one query with `psql` and returns its unaligned, tuples-only output.
-    pub fn query(&self, tools: &PgTools, sql: &str) -> Result<String, PgError> {
-        let out = self
-            .psql(tools)
-            .arg("-c")
-            .arg(sql)
-            .output()
-            .map_err(|e| ChildError::Spawn {
-                program: "psql".into(),
-                source: e,
-            })?;
-        if !out.status.success() {
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            return Err(PgError::Connect {
-                database: self.url.dbname().to_string(),
-                url: self.url.to_string(),
-                message: self.clean_stderr(&stderr),
-            });
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-    }
-
     /// Child stderr as one line, secrets removed.
     pub fn clean_stderr(&self, stderr: &str) -> String {
         let secrets = self.secrets();
@@ -257,24 +239,6 @@ impl Connection {
             .collect::<Vec<_>>()
             .join(" ");
         redact::scrub(&joined, &refs)
-    }
-
-    /// The server's version as (`server_version_num`, `server_version`).
-    pub fn server_version(&self, tools: &PgTools) -> Result<ServerVersion, PgError> {
-        let out = self.query(
-            tools,
-            "select current_setting('server_version_num') || '|' || current_setting('server_version')",
-        )?;
-        let (num, text) = out.split_once('|').unwrap_or((&out, ""));
-        let num: u32 = num.trim().parse().map_err(|_| PgError::Connect {
-            database: self.url.dbname().to_string(),
-            url: self.url.to_string(),
-            message: format!("unexpected server_version_num `{num}`"),
-        })?;
-        Ok(ServerVersion {
-            num,
-            text: text.split_whitespace().next().unwrap_or("").to_string(),
-        })
     }
 
     /// Starts `pg_dump` in custom format without compression: zstd does that better, later.
@@ -311,16 +275,6 @@ impl Connection {
             .arg(self.url.dbname());
         Ok(ChildSource::spawn("pg_dumpall", cmd, self.secrets())?)
     }
-}
-
-/// `'text'` as an SQL literal.
-pub fn quote_literal(text: &str) -> String {
-    format!("'{}'", text.replace('\'', "''"))
-}
-
-/// `"name"` as an SQL identifier.
-pub fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
