@@ -8,7 +8,11 @@ use std::path::Path;
 use dr_core::config::Config;
 use libfuzzer_sys::fuzz_target;
 
-fuzz_target!(|data: &[u8]| {
+fuzz_target!(init: {
+    // As under systemd's LoadCredential=, so `$CREDENTIALS_DIRECTORY/...` paths expand.
+    // SAFETY: set once before any input runs, while no other thread reads the environment.
+    unsafe { std::env::set_var("CREDENTIALS_DIRECTORY", "/run/credentials/dr-agent.service") };
+}, |data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };

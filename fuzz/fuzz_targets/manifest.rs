@@ -1,6 +1,6 @@
 //! Manifests as read from the repository: any bytes must give `Ok` or an error, never a
 //! panic; a manifest that parses must serialize back to itself, and every field that becomes
-//! part of an object key (environment, database, classes, object names) must be one path
+//! part of an object key (environment, database, object names) must be one path
 //! segment, so a tampered manifest cannot point a restore or prune outside its backup.
 #![no_main]
 
@@ -22,9 +22,6 @@ fuzz_target!(|data: &[u8]| {
         m.environment
     );
     assert!(one_segment(&m.database), "database {:?}", m.database);
-    for c in &m.classes {
-        assert!(one_segment(c), "class {c:?}");
-    }
     for o in &m.objects {
         assert!(one_segment(&o.name), "object name {:?}", o.name);
     }
