@@ -57,7 +57,7 @@ cargo build --workspace --quiet
 cargo test --workspace
 
 echo "==> fuzzing (about 4 minutes; fuzz/run.sh TARGET SECONDS runs one longer)"
-fuzz/run.sh
+DR_FUZZ_TARGET_DIR="$DR_TEST_CACHE/fuzz-target" fuzz/run.sh
 
 echo "==> packaging"
 scripts/test-packaging.sh
