@@ -2,13 +2,15 @@
 # The whole test suite, on a fresh Debian 12 machine or a developer's.
 #
 # Installs what the tests need when it is missing: Debian's PostgreSQL 15 server, the stock
-# `age` and `zstd` CLIs (for the break-glass checks), and a Garage S3 server built with
-# `cargo install` into a cache ($DR_TEST_CACHE, default ~/.cache/dr-tests; ~10 min cold).
+# `age` and `zstd` CLIs (for the break-glass checks), and, built with `cargo install` into a
+# cache ($DR_TEST_CACHE, default ~/.cache/dr-tests), a Garage S3 server (~10 min cold) and
+# cargo-fuzz for the bounded fuzzing step (fuzz/run.sh, ~2 min cold).
 # The tests start and stop their own PostgreSQL clusters and Garage servers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 GARAGE_VERSION=2.5.0
+CARGO_FUZZ_VERSION=0.13.2
 export DR_TEST_CACHE="${DR_TEST_CACHE:-$HOME/.cache/dr-tests}"
 
 apt_install() {
@@ -36,6 +38,16 @@ if [ ! -x "$garage" ] || ! "$garage" --version 2>/dev/null | grep -q "$GARAGE_VE
 fi
 export DR_GARAGE_BIN="$garage"
 
+cargo_fuzz="$DR_TEST_CACHE/cargo-fuzz/bin/cargo-fuzz"
+if [ ! -x "$cargo_fuzz" ] || ! "$cargo_fuzz" --version 2>/dev/null | grep -q "$CARGO_FUZZ_VERSION"; then
+    echo "==> building cargo-fuzz $CARGO_FUZZ_VERSION into $DR_TEST_CACHE (about 2 minutes, once)"
+    mkdir -p "$DR_TEST_CACHE"
+    CARGO_TARGET_DIR="$DR_TEST_CACHE/cargo-fuzz-target" \
+        cargo install cargo-fuzz --version "$CARGO_FUZZ_VERSION" --locked --root "$DR_TEST_CACHE/cargo-fuzz"
+    rm -rf "$DR_TEST_CACHE/cargo-fuzz-target"
+fi
+export PATH="$DR_TEST_CACHE/cargo-fuzz/bin:$PATH"
+
 echo "==> format and lints"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
@@ -43,6 +55,9 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 echo "==> tests"
 cargo build --workspace --quiet
 cargo test --workspace
+
+echo "==> fuzzing (about 4 minutes; fuzz/run.sh TARGET SECONDS runs one longer)"
+DR_FUZZ_TARGET_DIR="$DR_TEST_CACHE/fuzz-target" fuzz/run.sh
 
 echo "==> packaging"
 scripts/test-packaging.sh

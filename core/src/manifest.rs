@@ -8,6 +8,8 @@ use std::fmt;
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
+use crate::config::Name;
+
 /// The manifest format this build writes and the newest it reads.
 pub const FORMAT_VERSION: u32 = 1;
 
@@ -17,6 +19,8 @@ pub enum ManifestError {
     Malformed { key: String, message: String },
     #[error("manifest {key} has format version {found}, but this dr reads up to version {FORMAT_VERSION}; upgrade dr to read it")]
     UnknownVersion { key: String, found: u64 },
+    #[error("manifest {key} is invalid: {message}; dr never writes that, so the manifest was damaged or tampered with")]
+    Invalid { key: String, message: String },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -103,7 +107,37 @@ impl Manifest {
                 found,
             });
         }
-        serde_json::from_value(value).map_err(malformed)
+        let manifest: Manifest = serde_json::from_value(value).map_err(malformed)?;
+        manifest
+            .check_key_segments()
+            .map_err(|message| ManifestError::Invalid {
+                key: key.to_string(),
+                message,
+            })?;
+        Ok(manifest)
+    }
+
+    /// The fields that become parts of object keys must each be one path segment, so a
+    /// tampered manifest cannot send a restore or a prune outside its backup's directory.
+    fn check_key_segments(&self) -> Result<(), String> {
+        Name::try_from(self.environment.clone()).map_err(|e| format!("environment: {e}"))?;
+        Name::try_from(self.database.clone()).map_err(|e| format!("database: {e}"))?;
+        for o in &self.objects {
+            let ok = !o.name.is_empty()
+                && o.name != "."
+                && o.name != ".."
+                && !o
+                    .name
+                    .chars()
+                    .any(|c| c == '/' || c == '\\' || c.is_control());
+            if !ok {
+                return Err(format!(
+                    "object name {:?} is not a single file name",
+                    o.name
+                ));
+            }
+        }
+        Ok(())
     }
 
     pub fn to_json(&self) -> Vec<u8> {
@@ -220,6 +254,38 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("not valid JSON"), "{err}");
+    }
+
+    /// Found by `fuzz/fuzz_targets/manifest.rs`: object names and the database were used in
+    /// object keys unchecked, so `../` in a manifest reached outside the backup.
+    #[test]
+    fn names_that_would_leave_the_backup_directory_are_refused() {
+        let data = |name: &str| ObjectEntry {
+            role: ObjectRole::Data,
+            name: name.into(),
+            format: "pg_dump-custom".into(),
+            raw_bytes: 1,
+            stored_bytes: 1,
+            sha256: "00".repeat(32),
+            without_role_passwords: false,
+        };
+        let mut fuzzed = sample();
+        fuzzed.objects = vec![data("data.dump.zst.age"), data("globals./ql.zst.age")];
+        let mut up = sample();
+        up.objects = vec![data("../../../../etc/shadow")];
+        let mut database = sample();
+        database.database = "../other".into();
+        let mut environment = sample();
+        environment.environment = "".into();
+        for m in [fuzzed, up, database, environment] {
+            let err = Manifest::from_json("k", &m.to_json())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("tampered with"), "{err}");
+        }
+        let mut fine = sample();
+        fine.objects = vec![data("data.dump.zst.age")];
+        Manifest::from_json("k", &fine.to_json()).unwrap();
     }
 
     #[test]
