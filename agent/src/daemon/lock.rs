@@ -62,7 +62,7 @@ impl fmt::Display for Lease {
             if self.host.is_empty() {
                 "?"
             } else {
-                &self.host
+                self.host.as_str()
             },
             self.expires_at.round(jiff::Unit::Second).unwrap_or(self.expires_at)
         )
