@@ -105,11 +105,7 @@ pub async fn run(
     let storage = repo.storage();
     let data_key = repo.object_key(database, &id, DATA_OBJECT);
     let data = pipeline::encrypt_to_storage(
-        conn.spawn_pg_dump(
-            &tools,
-            snapshot_id.as_deref(),
-            config.lock_wait_timeout(db),
-        )?,
+        conn.spawn_pg_dump(&tools, snapshot_id.as_deref(), config.lock_wait_timeout(db))?,
         pipeline::PG_DUMP_CUSTOM,
         storage,
         &data_key,

@@ -288,7 +288,10 @@ impl Connection {
         let mut cmd = self.command(&tools.bin("pg_dump"));
         cmd.args(["--format=custom", "--compress=0", "--no-password"])
             .arg(format!("--dbname={}", self.url.for_argv()))
-            .arg(format!("--lock-wait-timeout={}", lock_wait_timeout.as_millis().max(1)));
+            .arg(format!(
+                "--lock-wait-timeout={}",
+                lock_wait_timeout.as_millis().max(1)
+            ));
         if let Some(id) = snapshot {
             cmd.arg(format!("--snapshot={id}"));
         }

@@ -137,7 +137,12 @@ fn backup_id_of(key: &str) -> Option<&str> {
 /// enough that no backup can still be writing it: its id's time is more than
 /// `max_backup_seconds` plus the margin ago, and it was not touched within the margin. A
 /// key without a backup id is aged from `touched` alone, by the same total.
-fn is_stale(key: &str, touched: Option<Timestamp>, now: Timestamp, max_backup_seconds: i64) -> bool {
+fn is_stale(
+    key: &str,
+    touched: Option<Timestamp>,
+    now: Timestamp,
+    max_backup_seconds: i64,
+) -> bool {
     let limit = max_backup_seconds + ORPHAN_MARGIN_SECONDS;
     let age = |t: Timestamp| now.as_second() - t.as_second();
     let recently_touched = touched.is_some_and(|t| age(t) <= ORPHAN_MARGIN_SECONDS);
@@ -526,7 +531,10 @@ mod tests {
         ) -> Result<Box<dyn tokio::io::AsyncRead + Send + Unpin>, StorageError> {
             self.0.open_read(key).await
         }
-        async fn list(&self, prefix: &str) -> Result<Vec<crate::storage::ObjectInfo>, StorageError> {
+        async fn list(
+            &self,
+            prefix: &str,
+        ) -> Result<Vec<crate::storage::ObjectInfo>, StorageError> {
             self.0.list(prefix).await
         }
         async fn delete(&self, key: &str) -> Result<(), StorageError> {
@@ -564,9 +572,15 @@ mod tests {
             repo.commit(m).await.unwrap();
         }
         let now: Timestamp = "2026-11-23T12:00:00Z".parse().unwrap();
-        let report = prune(&repo, &db(), now, std::time::Duration::from_secs(3600), false)
-            .await
-            .expect("prune must not fail because upload listing is unsupported");
+        let report = prune(
+            &repo,
+            &db(),
+            now,
+            std::time::Duration::from_secs(3600),
+            false,
+        )
+        .await
+        .expect("prune must not fail because upload listing is unsupported");
         assert_eq!(kept(&report.decisions), vec![false, true]);
         assert!(report.errors.is_empty(), "{:?}", report.errors);
         assert_eq!(report.warnings.len(), 1, "{:?}", report.warnings);

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use dr_tests::{
     encryption_toml, free_port, metric_value, poll_every, processes, runs_program,
-    wait_with_timeout, write_config, Agent, BedBase, Dr, Repo, Storage, TableLock,
-    ThrottledProxy, WebhookReceiver,
+    wait_with_timeout, write_config, Agent, BedBase, Dr, Repo, Storage, TableLock, ThrottledProxy,
+    WebhookReceiver,
 };
 
 const ENV: &str = "test";
@@ -594,9 +594,7 @@ fn two_agents_one_backup_per_slot(bed: Bed) {
     );
     let skips: usize = [&a, &b]
         .iter()
-        .map(|agent| {
-            agent.log_count("scheduled backup skipped")
-        })
+        .map(|agent| agent.log_count("scheduled backup skipped"))
         .sum();
     assert!(
         skips >= 1,
@@ -945,7 +943,11 @@ fn lock_is_released_after_a_failed_backup() {
 #[test]
 fn an_unparseable_lock_file_is_taken_over_and_named() {
     let bed = Bed::file();
-    write_repo_file(&bed, &lock_key(), b"{\"owner\": \"4242-0000abcd\", \"host\": ");
+    write_repo_file(
+        &bed,
+        &lock_key(),
+        b"{\"owner\": \"4242-0000abcd\", \"host\": ",
+    );
     let port = free_port();
     let config = bed.write(
         "a",
@@ -1034,7 +1036,10 @@ fn prune_skips_a_database_whose_lock_is_held() {
 
     write_live_lease(&bed, "backup-host-7", 4242);
     let out = bed.dr(&config).arg("prune").run();
-    eprintln!("dr prune with the lock held:\n{}\n{}", out.stdout, out.stderr);
+    eprintln!(
+        "dr prune with the lock held:\n{}\n{}",
+        out.stdout, out.stderr
+    );
     assert!(
         !out.status.success(),
         "prune under someone else's lock exited 0"
@@ -1074,7 +1079,10 @@ fn pg_dump_gives_up_on_a_locked_table_after_lock_wait_timeout() {
     let out = wait_with_timeout(child, Duration::from_secs(90));
     let took = started.elapsed();
     drop(lock);
-    eprintln!("dr backup against a locked table ({took:?}):\n{}", out.stderr);
+    eprintln!(
+        "dr backup against a locked table ({took:?}):\n{}",
+        out.stderr
+    );
     assert!(
         !out.status.success(),
         "the backup succeeded under a lock?\n{}",

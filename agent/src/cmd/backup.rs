@@ -99,9 +99,14 @@ impl Args {
                 progress: Default::default(),
             };
             let bar = progress_bar(db.name.as_str(), &control);
-            let outcome =
-                job::backup_with_control(&repo, &config, db, vec![self.class.to_string()], &control)
-                    .await;
+            let outcome = job::backup_with_control(
+                &repo,
+                &config,
+                db,
+                vec![self.class.to_string()],
+                &control,
+            )
+            .await;
             bar.finish_and_clear();
             guard.release().await;
             match outcome {

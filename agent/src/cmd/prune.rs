@@ -71,8 +71,7 @@ impl Args {
                 }
             };
             let result =
-                dr_core::retention::prune(&repo, db, now, config.job_timeout(), self.dry_run)
-                    .await;
+                dr_core::retention::prune(&repo, db, now, config.job_timeout(), self.dry_run).await;
             if let Some(guard) = guard {
                 guard.release().await;
             }

@@ -110,7 +110,10 @@ pub async fn database_loop(shared: Arc<Shared>, name: String, stop: Cancellation
             }
             continue;
         }
-        for c in due.iter().filter(|c| c.fires > 1 || c.last.timestamp() < now.timestamp() - LATE) {
+        for c in due
+            .iter()
+            .filter(|c| c.fires > 1 || c.last.timestamp() < now.timestamp() - LATE)
+        {
             tracing::warn!(
                 database = %name, class = %c.class, slots = c.fires, latest = %c.last,
                 "slots fell while an earlier backup of this database ran; one backup covers them now"
@@ -187,7 +190,7 @@ pub enum Outcome {
     /// Stopped by SIGTERM/SIGINT: not a failure, the next start catches up.
     Cancelled,
     /// Ran past `[agent] job_timeout` and was cancelled: a failure.
-    TimedOut(Duration),
+    TimedOut,
     Failed(dr_core::backup::BackupError),
 }
 
@@ -206,7 +209,13 @@ pub async fn run_job(shared: &Arc<Shared>, db: &DatabaseConfig, trigger: Trigger
     let _serial = db_mutex.lock().await;
     if shared.abort.is_cancelled() {
         for class in trigger.classes() {
-            skipped(shared, name, SkipReason::Shutdown, &class, "the agent is stopping".into());
+            skipped(
+                shared,
+                name,
+                SkipReason::Shutdown,
+                &class,
+                "the agent is stopping".into(),
+            );
         }
         return;
     }
@@ -370,10 +379,10 @@ pub async fn backup_with_control(
             match tokio::time::timeout(CANCEL_GRACE, &mut run).await {
                 // It committed just as the deadline fell: a good backup.
                 Ok(Ok(m)) => Outcome::Done(Box::new(m)),
-                Ok(Err(_)) => Outcome::TimedOut(limit),
+                Ok(Err(_)) => Outcome::TimedOut,
                 Err(_) => {
                     tracing::error!(database = %db.name, "the cancelled backup did not stop within 30 s; abandoning it");
-                    Outcome::TimedOut(limit)
+                    Outcome::TimedOut
                 }
             }
         }
@@ -417,7 +426,7 @@ impl Outcome {
         match self {
             Outcome::Done(_) => None,
             Outcome::Cancelled => Some("it was stopped by a signal".into()),
-            Outcome::TimedOut(_) => Some(format!(
+            Outcome::TimedOut => Some(format!(
                 "it did not finish within [agent] job_timeout = \"{}\" and was cancelled (raise job_timeout if the database needs longer; a table lock held by another session stops pg_dump only after lock_wait_timeout)",
                 config.agent.job_timeout
             )),
@@ -442,7 +451,7 @@ fn record(shared: &Shared, db: &DatabaseConfig, outcome: &Outcome) {
             database,
             "backup aborted by shutdown; nothing was recorded (not counted as a failure)"
         ),
-        Outcome::TimedOut(_) | Outcome::Failed(_) => failed(
+        Outcome::TimedOut | Outcome::Failed(_) => failed(
             shared,
             database,
             outcome.problem(&shared.config, db).unwrap_or_default(),
@@ -482,7 +491,12 @@ fn skipped(shared: &Shared, database: &str, reason: SkipReason, class: &str, why
             reason: reason.label().to_string(),
         })
         .inc();
-    tracing::warn!(database, class, reason = reason.label(), "scheduled backup skipped: {why}");
+    tracing::warn!(
+        database,
+        class,
+        reason = reason.label(),
+        "scheduled backup skipped: {why}"
+    );
 }
 
 fn failed(shared: &Shared, database: &str, message: String) {
@@ -737,7 +751,7 @@ url = "postgres://nobody@127.0.0.1:1/app"
         let db = s.config.database("app").unwrap();
         record(&s, db, &Outcome::Cancelled);
         assert_eq!(failures(&s), 0);
-        record(&s, db, &Outcome::TimedOut(Duration::from_secs(4)));
+        record(&s, db, &Outcome::TimedOut);
         assert_eq!(failures(&s), 1);
     }
 

@@ -64,7 +64,9 @@ impl fmt::Display for Lease {
             } else {
                 self.host.as_str()
             },
-            self.expires_at.round(jiff::Unit::Second).unwrap_or(self.expires_at)
+            self.expires_at
+                .round(jiff::Unit::Second)
+                .unwrap_or(self.expires_at)
         )
     }
 }
@@ -229,7 +231,9 @@ impl LockGuard {
                 }
             }
             Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "could not release the lock; it expires by itself"),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not release the lock; it expires by itself")
+            }
         }
     }
 }

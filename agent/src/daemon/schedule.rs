@@ -208,8 +208,7 @@ mod tests {
         let handled = at("UTC", "2026-11-30T03:00:00");
         let now = at("UTC", "2026-12-02T15:00:00");
         let due = due(&d, &handled, &now);
-        let classes: Vec<(&str, usize)> =
-            due.iter().map(|c| (c.class.as_str(), c.fires)).collect();
+        let classes: Vec<(&str, usize)> = due.iter().map(|c| (c.class.as_str(), c.fires)).collect();
         assert_eq!(classes, vec![("daily", 2), ("monthly", 1)]);
         assert_eq!(due[0].last, at("UTC", "2026-12-02T03:00:00"));
     }
