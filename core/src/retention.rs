@@ -471,7 +471,7 @@ mod tests {
             "e/app/backups/20261122T060000Z-aaaa/data.dump.zst.age",
             "2026-11-22T07:00:00Z",
         );
-        assert!(orphans(&[slow.clone()], &BTreeSet::new(), now, 2 * DAY).is_empty());
+        assert!(orphans(std::slice::from_ref(&slow), &BTreeSet::new(), now, 2 * DAY).is_empty());
         // With a 24 h limit it cannot be in flight any more.
         assert_eq!(orphans(&[slow], &BTreeSet::new(), now, DAY).len(), 1);
         // An old id whose object was written a minute ago is left alone (clock skew).
