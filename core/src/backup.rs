@@ -98,7 +98,7 @@ pub async fn run(
 
     let storage = repo.storage();
     let data_key = repo.object_key(database, &id, DATA_OBJECT);
-    let dumped = match conn.spawn_pg_dump(&tools, snapshot_id.as_deref()) {
+    let dumped = match conn.spawn_pg_dump(&tools, snapshot_id.as_deref(), config.lock_wait_timeout(db)) {
         Ok(source) => pipeline::encrypt_to_storage(
             source,
             pipeline::PG_DUMP_CUSTOM,

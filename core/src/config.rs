@@ -153,6 +153,15 @@ pub struct AgentConfig {
     /// Backups of different databases that may run at once.
     #[serde(default = "default_max_jobs")]
     pub max_concurrent_jobs: usize,
+    /// The longest a backup (scheduled or `dr backup`) may run before it is cancelled and
+    /// counted as failed. Prune also relies on it: an unmanifested object whose backup id is
+    /// older than this cannot belong to a backup in flight.
+    #[serde(default = "default_job_timeout")]
+    pub job_timeout: Duration,
+    /// How long `pg_dump` waits for a table lock before it gives up
+    /// (`--lock-wait-timeout`); `[[databases]] lock_wait_timeout` overrides it.
+    #[serde(default = "default_lock_wait_timeout")]
+    pub lock_wait_timeout: Duration,
 }
 
 fn default_listen() -> std::net::SocketAddr {
@@ -160,6 +169,12 @@ fn default_listen() -> std::net::SocketAddr {
 }
 fn default_max_jobs() -> usize {
     2
+}
+fn default_job_timeout() -> Duration {
+    Duration::try_from("24h".to_string()).expect("valid default")
+}
+fn default_lock_wait_timeout() -> Duration {
+    Duration::try_from("10m".to_string()).expect("valid default")
 }
 
 fn default_timezone() -> TimeZone {
@@ -172,6 +187,8 @@ impl Default for AgentConfig {
             timezone: default_timezone(),
             listen: default_listen(),
             max_concurrent_jobs: default_max_jobs(),
+            job_timeout: default_job_timeout(),
+            lock_wait_timeout: default_lock_wait_timeout(),
         }
     }
 }
@@ -185,6 +202,8 @@ pub struct DatabaseConfig {
     pub password_file: Option<PathBuf>,
     pub rpo: Option<Duration>,
     pub rto: Option<Duration>,
+    /// Overrides `[agent] lock_wait_timeout` for this database.
+    pub lock_wait_timeout: Option<Duration>,
     #[serde(default)]
     pub schedules: Vec<ScheduleConfig>,
     /// Restore drills; also makes backups record exact row counts for them.
@@ -347,6 +366,27 @@ impl Config {
                 self.agent.max_concurrent_jobs
             )));
         }
+        let now = Timestamp::now();
+        let job_timeout = self.agent.job_timeout.seconds_at(now);
+        if job_timeout < 1 {
+            return Err(invalid(format!(
+                "[agent] job_timeout = \"{}\" is too short; give at least 1s",
+                self.agent.job_timeout
+            )));
+        }
+        let lock_waits = std::iter::once(("[agent]".to_string(), &self.agent.lock_wait_timeout))
+            .chain(self.databases.iter().filter_map(|db| {
+                db.lock_wait_timeout
+                    .as_ref()
+                    .map(|t| (format!("database `{}`", db.name), t))
+            }));
+        for (owner, wait) in lock_waits {
+            if wait.seconds_at(now) < 1 {
+                return Err(invalid(format!(
+                    "{owner} lock_wait_timeout = \"{wait}\" is too short; give at least 1s (pg_dump waits that long for each table lock)"
+                )));
+            }
+        }
         for n in &self.notify {
             if !(n.url.starts_with("http://") || n.url.starts_with("https://")) {
                 return Err(invalid(
@@ -417,6 +457,19 @@ impl Config {
 
     pub fn database(&self, name: &str) -> Option<&DatabaseConfig> {
         self.databases.iter().find(|d| d.name.as_str() == name)
+    }
+
+    /// How long `pg_dump` of `db` waits for a table lock before it fails.
+    pub fn lock_wait_timeout(&self, db: &DatabaseConfig) -> std::time::Duration {
+        db.lock_wait_timeout
+            .as_ref()
+            .unwrap_or(&self.agent.lock_wait_timeout)
+            .to_std()
+    }
+
+    /// The longest a backup may run ([agent] job_timeout).
+    pub fn job_timeout(&self) -> std::time::Duration {
+        self.agent.job_timeout.to_std()
     }
 }
 
@@ -496,6 +549,15 @@ impl Duration {
     pub fn seconds_at(&self, now: Timestamp) -> i64 {
         now.as_second() - self.before(now).as_second()
     }
+
+    /// As a fixed length, measured back from now (for timeouts).
+    pub fn to_std(&self) -> std::time::Duration {
+        let now = Timestamp::now();
+        let before = self.before(now);
+        now.duration_since(before)
+            .try_into()
+            .unwrap_or(std::time::Duration::ZERO)
+    }
 }
 
 impl TryFrom<String> for Duration {
@@ -534,6 +596,16 @@ impl CronExpr {
 
     pub fn as_str(&self) -> &str {
         &self.text
+    }
+
+    /// Every time this schedule fires strictly after `after` and at or before `until`, at
+    /// most `cap` of them (the earliest).
+    pub fn runs_between(&self, after: &Zoned, until: &Zoned, cap: usize) -> Vec<Zoned> {
+        self.cron
+            .iter_after(after.clone())
+            .take_while(|t| t.timestamp() <= until.timestamp())
+            .take(cap)
+            .collect()
     }
 
     /// The last time this schedule fired at or before `at`.
@@ -712,6 +784,34 @@ rto = "1h"
             Some(Path::new("/run/credentials/dr-agent.service/app.password"))
         );
         unsafe { std::env::remove_var("CREDENTIALS_DIRECTORY") };
+    }
+
+    #[test]
+    fn job_and_lock_wait_timeouts_default_override_and_validate() {
+        use std::time::Duration as Std;
+        let c = parse(ISSUE_EXAMPLE).unwrap();
+        assert_eq!(c.job_timeout(), Std::from_secs(24 * 3600));
+        assert_eq!(c.lock_wait_timeout(&c.databases[0]), Std::from_secs(600));
+        let text = ISSUE_EXAMPLE
+            .replace(
+                "[[databases]]",
+                "[agent]\njob_timeout = \"2h\"\nlock_wait_timeout = \"1m\"\n\n[[databases]]",
+            )
+            .replace("rto = \"1h\"", "rto = \"1h\"\nlock_wait_timeout = \"30s\"");
+        let c = parse(&text).unwrap();
+        assert_eq!(c.job_timeout(), Std::from_secs(7200));
+        assert_eq!(c.lock_wait_timeout(&c.databases[0]), Std::from_secs(30));
+        let err = parse(&text.replace("\"30s\"", "\"500ms\""))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("database `app` lock_wait_timeout") && err.contains("too short"),
+            "{err}"
+        );
+        let err = parse(&text.replace("\"2h\"", "\"1ms\""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("job_timeout"), "{err}");
     }
 
     #[test]

@@ -1,11 +1,17 @@
 //! Retention: which backups to keep, decided from manifests alone.
 //!
 //! A backup is kept while any of its classes' `keep` covers it. The newest backup of each
-//! class is always kept, however old (a run of failures must never leave a class with
-//! nothing). Only committed backups count: a crash leaves no manifest, so it cannot make a
-//! good backup look superseded. Order is by the manifest's start time, never by name or
-//! version. Backups of classes the config has no schedule for are kept: we do not delete
-//! what we were not told how long to keep.
+//! class, and the newest backup of the database, are always kept, however old (a run of
+//! failures must never leave a class with nothing). Only committed backups count: a crash
+//! leaves no manifest, so it cannot make a good backup look superseded. Order is by the
+//! manifest's start time, never by name or version. Backups of classes the config has no
+//! schedule for, and backups with no class at all, are kept: we do not delete what we were
+//! not told how long to keep.
+//!
+//! Leftovers (objects without a manifest, multipart uploads never completed) are aged from
+//! their backup id's time: a backup runs at most `[agent] job_timeout`, so one whose id is
+//! older than that plus [`ORPHAN_MARGIN_SECONDS`] cannot still be in flight. Last-Modified
+//! alone would say nothing about a slow backup that is about to commit.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -15,8 +21,9 @@ use serde::Serialize;
 use crate::config::DatabaseConfig;
 use crate::manifest::Manifest;
 
-/// Objects without a manifest younger than this may be a backup in flight.
-pub const ORPHAN_GRACE_SECONDS: i64 = 24 * 3600;
+/// Slack on top of the longest backup for clock differences between hosts; an object
+/// written this recently is never a leftover, whatever its id says.
+pub const ORPHAN_MARGIN_SECONDS: i64 = 3600;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Decision {
@@ -39,6 +46,7 @@ pub fn plan(db: &DatabaseConfig, backups: &[Manifest], now: Timestamp) -> Vec<De
     sorted.sort_by(|a, b| (a.started_at, &a.id).cmp(&(b.started_at, &b.id)));
 
     // The newest backup of each class, by manifest time.
+    let newest_overall = sorted.last().map(|m| m.id.as_str());
     let mut newest_of: BTreeMap<&str, &str> = BTreeMap::new();
     for m in &sorted {
         for c in &m.classes {
@@ -67,6 +75,15 @@ pub fn plan(db: &DatabaseConfig, backups: &[Manifest], now: Timestamp) -> Vec<De
                 return decide(
                     true,
                     format!("newest backup of class {}", newest.join(", ")),
+                );
+            }
+            if newest_overall == Some(m.id.as_str()) {
+                return decide(true, "newest backup of this database".to_string());
+            }
+            if m.classes.is_empty() {
+                return decide(
+                    true,
+                    "it has no class, so no `keep` (delete it by hand if unwanted)".to_string(),
                 );
             }
             let unscheduled: Vec<&str> = m
@@ -100,12 +117,48 @@ pub fn plan(db: &DatabaseConfig, backups: &[Manifest], now: Timestamp) -> Vec<De
         .collect()
 }
 
+/// The time in a backup id (`20261122T030000Z-3f9a`), if it is one.
+fn id_time(id: &str) -> Option<Timestamp> {
+    let stamp = id.get(..16)?;
+    jiff::civil::DateTime::strptime("%Y%m%dT%H%M%SZ", stamp)
+        .ok()?
+        .to_zoned(jiff::tz::TimeZone::UTC)
+        .ok()
+        .map(|z| z.timestamp())
+}
+
+/// The backup id in `<env>/<db>/backups/<id>/...`.
+fn backup_id_of(key: &str) -> Option<&str> {
+    let parts: Vec<&str> = key.split('/').collect();
+    (parts.len() >= 5 && parts[2] == "backups").then(|| parts[3])
+}
+
+/// Whether something of the backup `key` belongs to, last touched at `touched`, is old
+/// enough that no backup can still be writing it: its id's time is more than
+/// `max_backup_seconds` plus the margin ago, and it was not touched within the margin. A
+/// key without a backup id is aged from `touched` alone, by the same total.
+fn is_stale(
+    key: &str,
+    touched: Option<Timestamp>,
+    now: Timestamp,
+    max_backup_seconds: i64,
+) -> bool {
+    let limit = max_backup_seconds + ORPHAN_MARGIN_SECONDS;
+    let age = |t: Timestamp| now.as_second() - t.as_second();
+    let recently_touched = touched.is_some_and(|t| age(t) <= ORPHAN_MARGIN_SECONDS);
+    match backup_id_of(key).and_then(id_time) {
+        Some(started) => age(started) > limit && !recently_touched,
+        None => touched.is_some_and(|t| age(t) > limit),
+    }
+}
+
 /// Backup directories holding objects but no manifest, old enough to be leftovers of a
 /// crash rather than a backup in flight. `keys` are all object keys under the database.
 pub fn orphans(
     keys: &[crate::storage::ObjectInfo],
     committed: &BTreeSet<String>,
     now: Timestamp,
+    max_backup_seconds: i64,
 ) -> Vec<String> {
     keys.iter()
         .filter(|o| {
@@ -115,11 +168,21 @@ pub fn orphans(
             // A temporary file from a crashed write is a leftover even in a committed backup.
             uncommitted || o.key.contains(crate::storage::file::PARTIAL_MARKER)
         })
-        .filter(|o| {
-            o.modified
-                .is_some_and(|t| now.as_second() - t.as_second() > ORPHAN_GRACE_SECONDS)
-        })
+        .filter(|o| is_stale(&o.key, o.modified, now, max_backup_seconds))
         .map(|o| o.key.clone())
+        .collect()
+}
+
+/// Multipart uploads no backup can still be feeding. `initiated` is not trusted alone:
+/// some stores report a fixed date for every upload (moto says 2010-11-10).
+pub fn stale_uploads(
+    uploads: Vec<crate::storage::PendingUpload>,
+    now: Timestamp,
+    max_backup_seconds: i64,
+) -> Vec<crate::storage::PendingUpload> {
+    uploads
+        .into_iter()
+        .filter(|u| is_stale(&u.key, u.initiated, now, max_backup_seconds))
         .collect()
 }
 
@@ -128,23 +191,29 @@ pub fn orphans(
 pub struct PruneReport {
     pub database: String,
     pub decisions: Vec<Decision>,
-    /// Leftover objects of crashed backups (no manifest, older than a day).
+    /// Leftover objects of crashed backups (no manifest, too old to be in flight).
     pub orphans: Vec<String>,
-    /// Multipart uploads a crash left open, older than a day.
+    /// Multipart uploads a crash left open, too old to be in flight.
     pub stale_uploads: Vec<String>,
     pub dry_run: bool,
     /// Deletions that failed; the rest went ahead.
     pub errors: Vec<String>,
+    /// Steps skipped because the store cannot do them; retention itself went ahead.
+    pub warnings: Vec<String>,
 }
 
 /// Applies retention to one database: each expired backup loses its manifest first, then
-/// its objects; then old orphaned objects go.
+/// its objects; then old orphaned objects go. `max_backup` is the longest a backup may run
+/// (`[agent] job_timeout`). The caller holds the database's lock, so no backup of ours is
+/// in flight; the aging guards against one whose lease was lost.
 pub async fn prune(
     repo: &crate::repo::Repository,
     db: &DatabaseConfig,
     now: Timestamp,
+    max_backup: std::time::Duration,
     dry_run: bool,
 ) -> Result<PruneReport, crate::storage::StorageError> {
+    let max_backup_seconds = i64::try_from(max_backup.as_secs()).unwrap_or(i64::MAX / 2);
     let database = db.name.as_str();
     let listing = repo.list(Some(database)).await?;
     if !listing.unreadable.is_empty() {
@@ -163,17 +232,25 @@ pub async fn prune(
     let decisions = plan(db, &listing.backups, now);
     let committed: BTreeSet<String> = listing.backups.iter().map(|m| m.id.to_string()).collect();
     let prefix = format!("{}/{database}/backups/", repo.environment());
-    let orphans = orphans(&repo.storage().list(&prefix).await?, &committed, now);
-    let stale: Vec<crate::storage::PendingUpload> = repo
-        .storage()
-        .pending_uploads(&prefix)
-        .await?
-        .into_iter()
-        .filter(|u| {
-            u.initiated
-                .is_some_and(|t| now.as_second() - t.as_second() > ORPHAN_GRACE_SECONDS)
-        })
-        .collect();
+    let orphans = orphans(
+        &repo.storage().list(&prefix).await?,
+        &committed,
+        now,
+        max_backup_seconds,
+    );
+    let mut warnings = Vec::new();
+    let pending = match repo.storage().pending_uploads(&prefix).await {
+        Ok(p) => p,
+        // Without multipart listing (s3s-fs) only that step is lost: retention goes on.
+        Err(e) if e.is_unsupported() => {
+            let warning = format!("cannot look for multipart uploads left open by crashes: {e}; remove them with the store's own tools if it keeps any");
+            tracing::warn!(database, "{warning}");
+            warnings.push(warning);
+            Vec::new()
+        }
+        Err(e) => return Err(e),
+    };
+    let stale = stale_uploads(pending, now, max_backup_seconds);
     let mut report = PruneReport {
         database: database.to_string(),
         decisions,
@@ -181,6 +258,7 @@ pub async fn prune(
         stale_uploads: stale.iter().map(|u| u.key.clone()).collect(),
         dry_run,
         errors: Vec::new(),
+        warnings,
     };
     if dry_run {
         return Ok(report);
@@ -213,6 +291,7 @@ pub async fn prune(
 mod tests {
     use super::*;
     use crate::manifest::{BackupId, Compression, Encryption, FORMAT_VERSION};
+    use crate::storage::StorageError;
 
     fn db() -> DatabaseConfig {
         let text = r#"
@@ -321,33 +400,204 @@ mod tests {
     }
 
     #[test]
-    fn only_old_uncommitted_objects_are_orphans() {
-        let now: Timestamp = "2026-11-23T12:00:00Z".parse().unwrap();
-        let obj = |key: &str, at: &str| crate::storage::ObjectInfo {
+    fn newest_backup_without_classes_is_kept() {
+        // Invariant 7: a manifest with `classes: []` is still a good backup.
+        let now: Timestamp = "2027-12-01T00:00:00Z".parse().unwrap();
+        let b = vec![
+            backup("2026-11-01T03:00:00Z", &["daily"]),
+            backup("2026-11-02T03:00:00Z", &[]),
+        ];
+        let d = plan(&db(), &b, now);
+        assert_eq!(kept(&d), vec![true, true], "{d:#?}");
+        assert!(d[1].reason.contains("newest"), "{}", d[1].reason);
+        // An older classless backup has no `keep` to expire by: kept too.
+        let b = vec![
+            backup("2026-11-01T03:00:00Z", &[]),
+            backup("2026-11-02T03:00:00Z", &["daily"]),
+        ];
+        assert_eq!(kept(&plan(&db(), &b, now)), vec![true, true]);
+    }
+
+    const DAY: i64 = 24 * 3600;
+
+    fn obj(key: &str, modified: &str) -> crate::storage::ObjectInfo {
+        crate::storage::ObjectInfo {
             key: key.into(),
             size: 1,
-            modified: Some(at.parse().unwrap()),
-        };
+            modified: Some(modified.parse().unwrap()),
+        }
+    }
+
+    #[test]
+    fn only_old_uncommitted_objects_are_orphans() {
+        let now: Timestamp = "2026-11-23T12:00:00Z".parse().unwrap();
         let keys = vec![
-            obj("e/app/backups/A/data.dump.zst.age", "2026-11-20T00:00:00Z"),
-            obj("e/app/backups/A/manifest.json", "2026-11-20T00:00:00Z"),
-            obj("e/app/backups/B/data.dump.zst.age", "2026-11-20T00:00:00Z"),
             obj(
-                "e/app/backups/C/data.dump.zst.age.partial-1",
+                "e/app/backups/20261120T000000Z-aaaa/data.dump.zst.age",
+                "2026-11-20T00:00:00Z",
+            ),
+            obj(
+                "e/app/backups/20261120T000000Z-aaaa/manifest.json",
+                "2026-11-20T00:00:00Z",
+            ),
+            obj(
+                "e/app/backups/20261120T000000Z-bbbb/data.dump.zst.age",
+                "2026-11-20T00:00:00Z",
+            ),
+            obj(
+                "e/app/backups/20261123T100000Z-cccc/data.dump.zst.age.partial-1",
                 "2026-11-23T11:00:00Z",
             ),
             obj(
-                "e/app/backups/A/manifest.json.partial-2",
+                "e/app/backups/20261120T000000Z-aaaa/manifest.json.partial-2",
                 "2026-11-20T00:00:00Z",
             ),
         ];
-        let committed = BTreeSet::from(["A".to_string()]);
+        let committed = BTreeSet::from(["20261120T000000Z-aaaa".to_string()]);
         assert_eq!(
-            orphans(&keys, &committed, now),
+            orphans(&keys, &committed, now, DAY),
             vec![
-                "e/app/backups/B/data.dump.zst.age".to_string(),
-                "e/app/backups/A/manifest.json.partial-2".to_string()
+                "e/app/backups/20261120T000000Z-bbbb/data.dump.zst.age".to_string(),
+                "e/app/backups/20261120T000000Z-aaaa/manifest.json.partial-2".to_string()
             ]
         );
+    }
+
+    #[test]
+    fn orphans_are_aged_from_the_backup_id_plus_the_longest_backup() {
+        let now: Timestamp = "2026-11-23T12:00:00Z".parse().unwrap();
+        // A slow backup started 30 h ago may run 48 h: its first object was last written
+        // 29 h ago, but it is still in flight and about to commit.
+        let slow = obj(
+            "e/app/backups/20261122T060000Z-aaaa/data.dump.zst.age",
+            "2026-11-22T07:00:00Z",
+        );
+        assert!(orphans(std::slice::from_ref(&slow), &BTreeSet::new(), now, 2 * DAY).is_empty());
+        // With a 24 h limit it cannot be in flight any more.
+        assert_eq!(orphans(&[slow], &BTreeSet::new(), now, DAY).len(), 1);
+        // An old id whose object was written a minute ago is left alone (clock skew).
+        let fresh = obj(
+            "e/app/backups/20261101T000000Z-bbbb/data.dump.zst.age",
+            "2026-11-23T11:59:00Z",
+        );
+        assert!(orphans(&[fresh], &BTreeSet::new(), now, DAY).is_empty());
+    }
+
+    #[test]
+    fn stale_uploads_are_aged_from_the_backup_id_not_the_store_date() {
+        let now: Timestamp = "2026-11-23T12:00:00Z".parse().unwrap();
+        let upload = |id: &str, initiated: &str| crate::storage::PendingUpload {
+            key: format!("e/app/backups/{id}/data.dump.zst.age"),
+            upload_id: id.to_string(),
+            initiated: Some(initiated.parse().unwrap()),
+        };
+        // moto reports every upload as started in 2010: an upload begun an hour ago by a
+        // running backup must survive; one whose backup began two days ago goes.
+        let stale = stale_uploads(
+            vec![
+                upload("20261123T110000Z-aaaa", "2010-11-10T00:00:00Z"),
+                upload("20261121T110000Z-bbbb", "2010-11-10T00:00:00Z"),
+            ],
+            now,
+            DAY,
+        );
+        let keys: Vec<&str> = stale.iter().map(|u| u.upload_id.as_str()).collect();
+        assert_eq!(keys, vec!["20261121T110000Z-bbbb"]);
+    }
+
+    /// A file store that, like s3s-fs, has no ListMultipartUploads.
+    #[derive(Debug)]
+    struct NoMultipartListing(crate::storage::file::FileStorage);
+
+    #[async_trait::async_trait]
+    impl crate::storage::Storage for NoMultipartListing {
+        fn location(&self) -> String {
+            self.0.location()
+        }
+        fn part_size(&self) -> usize {
+            self.0.part_size()
+        }
+        async fn put(&self, key: &str, data: bytes::Bytes) -> Result<(), StorageError> {
+            self.0.put(key, data).await
+        }
+        async fn put_if_absent(&self, key: &str, data: bytes::Bytes) -> Result<bool, StorageError> {
+            self.0.put_if_absent(key, data).await
+        }
+        async fn get(&self, key: &str) -> Result<bytes::Bytes, StorageError> {
+            self.0.get(key).await
+        }
+        async fn open_read(
+            &self,
+            key: &str,
+        ) -> Result<Box<dyn tokio::io::AsyncRead + Send + Unpin>, StorageError> {
+            self.0.open_read(key).await
+        }
+        async fn list(
+            &self,
+            prefix: &str,
+        ) -> Result<Vec<crate::storage::ObjectInfo>, StorageError> {
+            self.0.list(prefix).await
+        }
+        async fn delete(&self, key: &str) -> Result<(), StorageError> {
+            self.0.delete(key).await
+        }
+        async fn pending_uploads(
+            &self,
+            prefix: &str,
+        ) -> Result<Vec<crate::storage::PendingUpload>, StorageError> {
+            Err(StorageError::Unsupported {
+                op: "list uploads under",
+                key: prefix.to_string(),
+                location: self.location(),
+                message: "NotImplemented".into(),
+            })
+        }
+        async fn start_upload(
+            &self,
+            key: &str,
+        ) -> Result<Box<dyn crate::storage::Upload>, StorageError> {
+            self.0.start_upload(key).await
+        }
+    }
+
+    #[tokio::test]
+    async fn prune_goes_on_when_the_store_cannot_list_uploads() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = NoMultipartListing(crate::storage::file::FileStorage::new(
+            dir.path().to_path_buf(),
+        ));
+        let repo = crate::repo::Repository::new(std::sync::Arc::new(store), "e");
+        let old = backup("2026-09-01T03:00:00Z", &["daily"]);
+        let newest = backup("2026-11-22T03:00:00Z", &["daily"]);
+        for m in [&old, &newest] {
+            repo.commit(m).await.unwrap();
+        }
+        let now: Timestamp = "2026-11-23T12:00:00Z".parse().unwrap();
+        let report = prune(
+            &repo,
+            &db(),
+            now,
+            std::time::Duration::from_secs(3600),
+            false,
+        )
+        .await
+        .expect("prune must not fail because upload listing is unsupported");
+        assert_eq!(kept(&report.decisions), vec![false, true]);
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        assert_eq!(report.warnings.len(), 1, "{:?}", report.warnings);
+        assert!(
+            report.warnings[0].contains("does not support"),
+            "{:?}",
+            report.warnings
+        );
+        let left: Vec<String> = repo
+            .list(Some("app"))
+            .await
+            .unwrap()
+            .backups
+            .iter()
+            .map(|m| m.id.to_string())
+            .collect();
+        assert_eq!(left, vec![newest.id.to_string()]);
     }
 }

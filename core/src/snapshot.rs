@@ -42,7 +42,9 @@ impl HeldSnapshot {
             Err(e) => {
                 return Counting {
                     canceller: None,
-                    task: tokio::spawn(async move { Err(CountsUnavailable::from(&e)) }),
+                    task: Some(tokio::spawn(
+                        async move { Err(CountsUnavailable::from(&e)) },
+                    )),
                 }
             }
         };
@@ -57,7 +59,7 @@ impl HeldSnapshot {
         });
         Counting {
             canceller: Some(canceller),
-            task,
+            task: Some(task),
         }
     }
 
@@ -88,15 +90,16 @@ impl From<&PgError> for CountsUnavailable {
     }
 }
 
-/// Row counting in progress.
+/// Row counting in progress. Dropped unfinished (a cancelled or timed-out backup), it stops
+/// the task, which closes its session.
 pub struct Counting {
     canceller: Option<Canceller>,
-    task: tokio::task::JoinHandle<Result<RowCounts, CountsUnavailable>>,
+    task: Option<tokio::task::JoinHandle<Result<RowCounts, CountsUnavailable>>>,
 }
 
 impl Counting {
-    pub async fn finish(self) -> Result<BTreeMap<String, u64>, CountsUnavailable> {
-        match self.task.await {
+    pub async fn finish(mut self) -> Result<BTreeMap<String, u64>, CountsUnavailable> {
+        match self.task.take().expect("not finished yet").await {
             Ok(Ok(counts)) => Ok(counts.counts),
             Ok(Err(e)) => Err(e),
             Err(_) => Err(CountsUnavailable("the counting task ended".into())),
@@ -105,11 +108,21 @@ impl Counting {
 
     /// Stops at once: cancels the running count on the server and closes the session, so no
     /// transaction stays open on the source after a failed backup.
-    pub async fn abort(self) {
+    pub async fn abort(mut self) {
         if let Some(c) = &self.canceller {
             c.cancel().await;
         }
-        self.task.abort();
-        let _ = self.task.await;
+        if let Some(task) = self.task.take() {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for Counting {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
     }
 }

@@ -1,15 +1,17 @@
 //! Fixtures for `dr agent` tests: the running agent itself, a tiny HTTP client for its
-//! endpoints, a webhook receiver, and a throttling TCP proxy that makes a database slow.
+//! endpoints, a webhook receiver, a throttling TCP proxy that makes a database slow, and a
+//! session that holds a table lock so `pg_dump` hangs.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::process::{Child, ExitStatus};
+use std::process::{Child, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::dr::Dr;
+use crate::pg::PgCluster;
 use crate::util::wait_until;
 
 /// A running `dr agent`, its stderr collected in the background (so a full pipe never
@@ -471,4 +473,64 @@ fn pump(mut from: TcpStream, mut to: TcpStream, rate: Option<(usize, Arc<AtomicB
     }
     let _ = from.shutdown(Shutdown::Both);
     let _ = to.shutdown(Shutdown::Both);
+}
+
+/// A session holding `LOCK TABLE <table> IN ACCESS EXCLUSIVE MODE`, as a long migration
+/// would: `pg_dump` then blocks on that table. The session ends by itself after `max`;
+/// dropping the guard terminates it at once.
+pub struct TableLock<'a> {
+    cluster: &'a PgCluster,
+    db: String,
+    child: Option<Child>,
+}
+
+const LOCKER_APP: &str = "dr-test-table-lock";
+
+impl<'a> TableLock<'a> {
+    /// Takes the lock and returns once the server shows it granted (panics after 20 s).
+    pub fn hold(cluster: &'a PgCluster, db: &str, table: &str, max: Duration) -> TableLock<'a> {
+        let sql = format!(
+            "BEGIN; LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep({}); COMMIT;",
+            max.as_secs()
+        );
+        let child = cluster
+            .client_command("psql")
+            .env("PGAPPNAME", LOCKER_APP)
+            .args(["-X", "-q", "-d", db, "-c", &sql])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn the locking psql");
+        let guard = TableLock {
+            cluster,
+            db: db.to_string(),
+            child: Some(child),
+        };
+        let check = format!(
+            "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation \
+             WHERE c.relname = '{table}' AND l.mode = 'AccessExclusiveLock' AND l.granted"
+        );
+        assert!(
+            wait_until(Duration::from_secs(20), || cluster.psql(db, &check) == "1"),
+            "the test session did not get its lock on {table}"
+        );
+        guard
+    }
+}
+
+impl Drop for TableLock<'_> {
+    fn drop(&mut self) {
+        // The backend would sit in pg_sleep after its client died: end it from the server.
+        let _ = self.cluster.try_psql(
+            &self.db,
+            &format!(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = '{LOCKER_APP}'"
+            ),
+        );
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }

@@ -17,7 +17,9 @@ mod seed;
 mod tools;
 mod util;
 
-pub use agent::{http_get, metric_value, Agent, ThrottledProxy, WebhookReceiver, WebhookRequest};
+pub use agent::{
+    http_get, metric_value, Agent, TableLock, ThrottledProxy, WebhookReceiver, WebhookRequest,
+};
 pub use base::BedBase;
 pub use config::{database_toml, encryption_toml, write_config, Storage};
 pub use dr::{dr_binary, wait_with_timeout, Dr, DrOutput};

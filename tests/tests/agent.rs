@@ -12,8 +12,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use dr_tests::{
-    encryption_toml, free_port, metric_value, poll_every, processes, runs_program, write_config,
-    Agent, BedBase, Dr, Repo, ThrottledProxy, WebhookReceiver,
+    encryption_toml, free_port, metric_value, poll_every, processes, runs_program,
+    wait_with_timeout, write_config, Agent, BedBase, Dr, Repo, Storage, TableLock, ThrottledProxy,
+    WebhookReceiver,
 };
 
 const ENV: &str = "test";
@@ -33,6 +34,9 @@ struct Spec {
     notify: Vec<String>,
     /// Connect to this port instead of the cluster's (a proxy in front of it).
     db_port: Option<u16>,
+    /// Extra lines for `[agent]` and for the database's table.
+    agent_extra: String,
+    db_extra: String,
 }
 
 impl Spec {
@@ -43,7 +47,19 @@ impl Spec {
             schedules: Vec::new(),
             notify: Vec::new(),
             db_port: None,
+            agent_extra: String::new(),
+            db_extra: String::new(),
         }
+    }
+
+    fn agent_line(mut self, line: &str) -> Spec {
+        self.agent_extra += &format!("{line}\n");
+        self
+    }
+
+    fn db_line(mut self, line: &str) -> Spec {
+        self.db_extra += &format!("{line}\n");
+        self
     }
 
     fn rpo(mut self, rpo: &str) -> Spec {
@@ -110,10 +126,13 @@ impl Bed {
         };
         let mut out = encryption_toml(&[&self.base.keys.recipient], None);
         out += &format!(
-            "[agent]\nlisten = \"127.0.0.1:{}\"\ntimezone = \"UTC\"\nmax_concurrent_jobs = 2\n\n",
-            spec.listen
+            "[agent]\nlisten = \"127.0.0.1:{}\"\ntimezone = \"UTC\"\nmax_concurrent_jobs = 2\n{}\n",
+            spec.listen, spec.agent_extra
         );
-        out += &format!("[[databases]]\nname = \"{DB}\"\nurl = \"{url}\"\nrto = \"1h\"\n");
+        out += &format!(
+            "[[databases]]\nname = \"{DB}\"\nurl = \"{url}\"\nrto = \"1h\"\n{}",
+            spec.db_extra
+        );
         if let Some(rpo) = &spec.rpo {
             out += &format!("rpo = \"{rpo}\"\n");
         }
@@ -238,7 +257,7 @@ fn agent_takes_a_scheduled_backup_and_metrics_show_it() {
     );
     let metrics = agent.metrics();
     for family in [
-        "dr_backup_duration_seconds",
+        "dr_backup_last_duration_seconds",
         "dr_rto_objective_seconds",
         "dr_backup_failures_total",
     ] {
@@ -511,7 +530,27 @@ fn sigterm_during_a_backup_leaves_no_manifest_and_exits_in_time() {
         log.contains("aborted"),
         "the log does not say the backup was aborted:\n{log}"
     );
+    assert!(
+        !log.contains("backup failed"),
+        "a shutdown was reported as a failed backup:\n{log}"
+    );
     eprintln!("keys left after the abort: {keys:?}");
+    assert!(
+        !keys.contains(&lock_key()),
+        "the lock was not released after SIGTERM: {keys:?}\n{log}"
+    );
+
+    // A restarted agent catches up at once: no dead agent's lease stands in its way.
+    let config = bed.write(
+        "a",
+        &Spec::new(port).rpo("1h").schedule("daily", NEVER, "30d"),
+    );
+    let again = bed.agent(&config, port);
+    assert!(
+        poll(Duration::from_secs(30), || bed.committed().len() == 1),
+        "the restarted agent did not catch up:\n{}",
+        again.log()
+    );
 }
 
 /// Two agents, one config, one repository: every 10 s slot gets at most one backup.
@@ -555,10 +594,7 @@ fn two_agents_one_backup_per_slot(bed: Bed) {
     );
     let skips: usize = [&a, &b]
         .iter()
-        .map(|agent| {
-            agent.log_count("another agent holds this database's lock")
-                + agent.log_count("this slot already has a backup")
-        })
+        .map(|agent| agent.log_count("scheduled backup skipped"))
         .sum();
     assert!(
         skips >= 1,
@@ -797,5 +833,356 @@ fn notify_test_reaches_the_webhook() {
     assert!(
         !all.contains(TOKEN) && !all.contains(&closed),
         "the webhook URL (with its token) was printed:\n{all}"
+    );
+}
+
+/// `<env>/<db>/lock.json`, the database's lock in the repository.
+fn lock_key() -> String {
+    format!("{ENV}/{DB}/lock.json")
+}
+
+fn has_lock(bed: &Bed) -> bool {
+    bed.repo().keys().contains(&lock_key())
+}
+
+/// Writes `bytes` at `key` of the bed's `file://` repository.
+fn write_repo_file(bed: &Bed, key: &str, bytes: &[u8]) {
+    let Storage::File(root) = &bed.base.storage else {
+        panic!("a file:// bed");
+    };
+    let path = root.join(key);
+    fs::create_dir_all(path.parent().expect("a parent")).expect("create repo dirs");
+    fs::write(&path, bytes).expect("write into the repo");
+}
+
+/// A lease as another live process would hold it.
+fn write_live_lease(bed: &Bed, host: &str, pid: u32) {
+    let expires = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+        + 300;
+    let lease = serde_json::json!({
+        "owner": format!("{pid}-0000abcd"),
+        "host": host,
+        "pid": pid,
+        "expires_at": rfc3339(expires),
+        "command": "backup",
+    });
+    write_repo_file(bed, &lock_key(), lease.to_string().as_bytes());
+}
+
+/// Seconds since the epoch as `YYYY-MM-DDTHH:MM:SSZ`, with `date` (no time crate here).
+fn rfc3339(secs: u64) -> String {
+    let out = std::process::Command::new("date")
+        .args(["-u", "-d", &format!("@{secs}"), "+%Y-%m-%dT%H:%M:%SZ"])
+        .output()
+        .expect("run date");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn hostname() -> String {
+    fs::read_to_string("/proc/sys/kernel/hostname")
+        .expect("hostname")
+        .trim()
+        .to_string()
+}
+
+fn failures(agent: &Agent) -> Option<f64> {
+    metric_value(&agent.metrics(), "dr_backup_failures_total", &db_labels())
+}
+
+/// About 11 MB of dump: behind a [`ThrottledProxy`] pg_dump streams for many seconds.
+fn add_big_table(bed: &Bed) {
+    bed.base.cluster.psql(
+        DB,
+        "CREATE TABLE big AS SELECT i AS id, md5(i::text) || md5((i * 7)::text) AS v \
+         FROM generate_series(1, 150000) AS i",
+    );
+}
+
+#[test]
+fn lock_is_released_after_a_failed_backup() {
+    let bed = Bed::file();
+    let port = free_port();
+    // Nothing listens on the database port: the catch-up backup fails at once.
+    let config = bed.write(
+        "a",
+        &Spec::new(port)
+            .rpo("1h")
+            .schedule("daily", NEVER, "30d")
+            .db_port(free_port()),
+    );
+    let mut agent = bed.agent(&config, port);
+    assert!(
+        poll(Duration::from_secs(30), || failures(&agent) == Some(1.0)),
+        "the backup did not fail:\n{}",
+        agent.log()
+    );
+    assert!(
+        poll(Duration::from_secs(5), || !has_lock(&bed)),
+        "lock.json is still there after the failed backup: {:?}\n{}",
+        bed.repo().keys(),
+        agent.log()
+    );
+    assert!(agent.stop().success(), "{}", agent.log());
+
+    // The next agent, pointed at the database, catches up at once.
+    let config = bed.write(
+        "a",
+        &Spec::new(port).rpo("1h").schedule("daily", NEVER, "30d"),
+    );
+    let again = bed.agent(&config, port);
+    assert!(
+        poll(Duration::from_secs(30), || bed.committed().len() == 1),
+        "the restarted agent did not back up:\n{}",
+        again.log()
+    );
+}
+
+#[test]
+fn an_unparseable_lock_file_is_taken_over_and_named() {
+    let bed = Bed::file();
+    write_repo_file(
+        &bed,
+        &lock_key(),
+        b"{\"owner\": \"4242-0000abcd\", \"host\": ",
+    );
+    let port = free_port();
+    let config = bed.write(
+        "a",
+        &Spec::new(port).rpo("1h").schedule("daily", NEVER, "30d"),
+    );
+    let agent = bed.agent(&config, port);
+    assert!(
+        poll(Duration::from_secs(30), || bed.committed().len() == 1),
+        "a corrupt lock.json blocked the backup:\n{}",
+        agent.log()
+    );
+    let log = agent.log();
+    assert!(
+        log.contains("the lock file cannot be parsed") && log.contains(&lock_key()),
+        "the log does not name the corrupt lock file:\n{log}"
+    );
+    assert!(
+        poll(Duration::from_secs(5), || !has_lock(&bed)),
+        "the lock was not released: {:?}",
+        bed.repo().keys()
+    );
+}
+
+#[test]
+fn a_second_manual_backup_refuses_while_the_first_holds_the_lock() {
+    let bed = Bed::file();
+    add_big_table(&bed);
+    let proxy = ThrottledProxy::start(bed.base.cluster.port(), 512 * 1024);
+    let config = bed.write(
+        "a",
+        &Spec::new(free_port())
+            .schedule("daily", NEVER, "30d")
+            .db_port(proxy.port()),
+    );
+    let first = bed.dr(&config).args(["backup", "--database", DB]).spawn();
+    let first_pid = first.id();
+    assert!(
+        poll(Duration::from_secs(30), || has_lock(&bed)
+            && !pg_dumps_on_port(proxy.port()).is_empty()),
+        "the first backup did not start: {:?}",
+        bed.repo().keys()
+    );
+
+    let second = bed.dr(&config).args(["backup", "--database", DB]).spawn();
+    let out = wait_with_timeout(second, Duration::from_secs(60));
+    eprintln!("second dr backup:\n{}", out.stderr);
+    assert!(
+        !out.status.success(),
+        "two backups of one database ran at once:\n{}",
+        out.stderr
+    );
+    for needle in [hostname(), format!("pid {first_pid}"), "until".to_string()] {
+        assert!(
+            out.stderr.contains(&needle),
+            "the refusal does not name the holder ({needle}):\n{}",
+            out.stderr
+        );
+    }
+
+    // SAFETY: kill(2) on our own unreaped child.
+    unsafe {
+        libc::kill(first_pid as libc::pid_t, libc::SIGTERM);
+    }
+    let out = wait_with_timeout(first, Duration::from_secs(30));
+    assert!(!out.status.success(), "{}", out.stderr);
+    assert!(
+        !has_lock(&bed),
+        "the stopped backup left its lock: {:?}\n{}",
+        bed.repo().keys(),
+        out.stderr
+    );
+    assert!(bed.committed().is_empty(), "{:?}", bed.committed());
+}
+
+#[test]
+fn prune_skips_a_database_whose_lock_is_held() {
+    let bed = Bed::file();
+    let config = bed.write(
+        "a",
+        &Spec::new(free_port()).schedule("daily", "0 3 * * *", "1s"),
+    );
+    bed.backup(&config, "daily");
+    std::thread::sleep(Duration::from_millis(1100));
+    bed.backup(&config, "daily");
+    std::thread::sleep(Duration::from_secs(2));
+
+    write_live_lease(&bed, "backup-host-7", 4242);
+    let out = bed.dr(&config).arg("prune").run();
+    eprintln!(
+        "dr prune with the lock held:\n{}\n{}",
+        out.stdout, out.stderr
+    );
+    assert!(
+        !out.status.success(),
+        "prune under someone else's lock exited 0"
+    );
+    for needle in ["backup-host-7", "pid 4242", "skipping database `app`"] {
+        assert!(out.stderr.contains(needle), "{needle}:\n{}", out.stderr);
+    }
+    assert_eq!(
+        bed.committed().len(),
+        2,
+        "prune deleted while the lock was held"
+    );
+
+    fs::remove_file(match &bed.base.storage {
+        Storage::File(root) => root.join(lock_key()),
+        _ => unreachable!(),
+    })
+    .expect("remove the lease");
+    let out = bed.dr(&config).arg("prune").run();
+    out.assert_success();
+    assert_eq!(bed.committed().len(), 1, "{}", out.stdout);
+    assert!(!has_lock(&bed), "prune left its lock behind");
+}
+
+#[test]
+fn pg_dump_gives_up_on_a_locked_table_after_lock_wait_timeout() {
+    let bed = Bed::file();
+    let config = bed.write(
+        "a",
+        &Spec::new(free_port())
+            .schedule("daily", NEVER, "30d")
+            .db_line("lock_wait_timeout = \"2s\""),
+    );
+    let lock = TableLock::hold(&bed.base.cluster, DB, "items", Duration::from_secs(120));
+    let started = Instant::now();
+    let child = bed.dr(&config).args(["backup", "--database", DB]).spawn();
+    let out = wait_with_timeout(child, Duration::from_secs(90));
+    let took = started.elapsed();
+    drop(lock);
+    eprintln!(
+        "dr backup against a locked table ({took:?}):\n{}",
+        out.stderr
+    );
+    assert!(
+        !out.status.success(),
+        "the backup succeeded under a lock?\n{}",
+        out.stderr
+    );
+    assert!(
+        out.stderr.contains("statement timeout") && out.stderr.contains("lock_wait_timeout"),
+        "the error does not say pg_dump gave up waiting for a lock:\n{}",
+        out.stderr
+    );
+    assert!(took < Duration::from_secs(30), "took {took:?}");
+    assert!(bed.committed().is_empty());
+    assert!(!has_lock(&bed), "{:?}", bed.repo().keys());
+}
+
+#[test]
+fn a_hung_backup_is_cancelled_at_job_timeout_and_counted_as_failed() {
+    let bed = Bed::file();
+    let _lock = TableLock::hold(&bed.base.cluster, DB, "items", Duration::from_secs(120));
+    let port = free_port();
+    // lock_wait_timeout stays at its 10 min default: only the job deadline can end this.
+    let config = bed.write(
+        "a",
+        &Spec::new(port)
+            .rpo("1h")
+            .schedule("daily", NEVER, "30d")
+            .agent_line("job_timeout = \"4s\""),
+    );
+    let agent = bed.agent(&config, port);
+    assert!(
+        poll(Duration::from_secs(40), || failures(&agent) == Some(1.0)),
+        "the hung backup was not counted as failed:\n{}\n{}",
+        agent.metrics(),
+        agent.log()
+    );
+    let log = agent.log();
+    assert!(log.contains("job_timeout"), "{log}");
+    let cluster_port = bed.base.cluster.port();
+    assert!(
+        poll(Duration::from_secs(5), || pg_dumps_on_port(cluster_port)
+            .is_empty()),
+        "pg_dump still runs after the deadline: {:?}",
+        pg_dumps_on_port(cluster_port)
+    );
+    assert!(
+        poll(Duration::from_secs(5), || !has_lock(&bed)),
+        "{:?}",
+        bed.repo().keys()
+    );
+    let keys = bed.repo().keys();
+    assert!(
+        !keys
+            .iter()
+            .any(|k| k.ends_with("manifest.json") || k.contains(".partial-")),
+        "{keys:?}"
+    );
+}
+
+#[test]
+fn a_slot_that_falls_during_a_long_backup_runs_after_it() {
+    let bed = Bed::file();
+    add_big_table(&bed);
+    // About 11 MB at 1 MiB/s: each backup takes roughly 11 s, so an `other` slot 5 s after
+    // an `often` slot always falls while the `often` backup runs.
+    let proxy = ThrottledProxy::start(bed.base.cluster.port(), 1024 * 1024);
+    let port = free_port();
+    let config = bed.write(
+        "a",
+        &Spec::new(port)
+            .schedule("often", "0,30 * * * * *", "30d")
+            .schedule("other", "5,35 * * * * *", "30d")
+            .db_port(proxy.port()),
+    );
+    // Start just after an `other` slot, so the first slot is an `often` one.
+    let second = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs()
+            % 30
+    };
+    while !(6..20).contains(&second()) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let agent = bed.agent(&config, port);
+    let has_class = |class: &str| {
+        bed.list(&config)
+            .iter()
+            .any(|b| classes_of(b).contains(&class.to_string()))
+    };
+    assert!(
+        poll(Duration::from_secs(80), || has_class("other")),
+        "the `other` slot that fell during the `often` backup never ran; backups {:#?}\n{}",
+        bed.list(&config),
+        agent.log()
+    );
+    assert!(has_class("often"), "{:#?}", bed.list(&config));
+    assert!(
+        agent.log().contains("fell while an earlier backup"),
+        "{}",
+        agent.log()
     );
 }

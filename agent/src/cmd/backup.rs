@@ -9,11 +9,18 @@ use dr_core::config::Name;
 use dr_core::pipeline::Control;
 use indicatif::{ProgressBar, ProgressStyle};
 
+use crate::daemon::job::{self, Outcome};
+use crate::daemon::lock::{self, Acquired};
+
 /// Back up databases now: pg_dump streamed through zstd and age to the repository.
 ///
 /// Prints each new backup's id on stdout. Without --database every configured database is
 /// backed up; one failing does not stop the others, but the exit code is then non-zero.
-/// Ctrl-C or SIGTERM stops cleanly: pg_dump is stopped, the upload aborted, nothing recorded.
+/// Each backup holds the database's repository lock, like the agent's jobs: while another
+/// process (the agent, another `dr backup`, `dr prune`) holds it, that database is refused
+/// with the holder's host, pid and lease expiry. A backup running past [agent] job_timeout
+/// is cancelled. Ctrl-C or SIGTERM stops cleanly: pg_dump is stopped, the upload aborted,
+/// nothing recorded.
 #[derive(clap::Args)]
 pub struct Args {
     /// Database to back up, as named in the config (default: all).
@@ -55,6 +62,7 @@ impl Args {
             "stopping; the backup in progress will not be recorded",
         );
 
+        let owner = lock::new_owner();
         let mut failed = 0;
         for db in databases {
             if control.cancel.is_cancelled() {
@@ -67,32 +75,63 @@ impl Args {
                     "no schedule of this class is configured; retention keeps such backups only while they are the newest"
                 );
             }
+            let guard = match lock::acquire(&repo, db.name.as_str(), &owner, "backup").await {
+                Ok(Acquired::Yes(g)) => g,
+                Ok(Acquired::HeldBy(holder)) => {
+                    failed += 1;
+                    crate::print_error(&anyhow::anyhow!(
+                        "database `{}` is locked by {holder}; not backing it up now (run it again once that finishes; a crashed holder's lease expires by itself)",
+                        db.name
+                    ));
+                    continue;
+                }
+                Err(e) => {
+                    failed += 1;
+                    crate::print_error(&anyhow::Error::new(e).context(format!(
+                        "cannot take the lock of database `{}`; no backup was made",
+                        db.name
+                    )));
+                    continue;
+                }
+            };
             let control = Control {
                 cancel: control.cancel.clone(),
                 progress: Default::default(),
             };
             let bar = progress_bar(db.name.as_str(), &control);
-            let result =
-                dr_core::backup::run(&repo, &config, db, vec![self.class.to_string()], &control)
-                    .await;
+            let outcome = job::backup_with_control(
+                &repo,
+                &config,
+                db,
+                vec![self.class.to_string()],
+                &control,
+            )
+            .await;
             bar.finish_and_clear();
-            match result {
-                Ok(m) if self.json => {
+            guard.release().await;
+            match outcome {
+                Outcome::Done(m) if self.json => {
                     println!("{}", String::from_utf8_lossy(&m.to_json()).trim_end())
                 }
-                Ok(m) => println!("{}", m.id),
-                Err(e) => {
+                Outcome::Done(m) => println!("{}", m.id),
+                Outcome::Failed(e) => {
                     failed += 1;
-                    let what = if e.is_cancelled() {
-                        "was stopped by a signal"
-                    } else {
-                        "failed"
-                    };
-                    let e = anyhow::Error::new(e).context(format!(
-                        "backup of database `{}` {what}; no backup was recorded",
+                    let mut e = anyhow::Error::new(e);
+                    if let Some(hint) = job::lock_wait_hint(&format!("{e:#}"), &config, db) {
+                        e = e.context(hint);
+                    }
+                    crate::print_error(&e.context(format!(
+                        "backup of database `{}` failed; no backup was recorded",
+                        db.name
+                    )));
+                }
+                other => {
+                    failed += 1;
+                    let why = other.problem(&config, db).unwrap_or_default();
+                    crate::print_error(&anyhow::anyhow!(
+                        "backup of database `{}` did not complete: {why}; no backup was recorded",
                         db.name
                     ));
-                    crate::print_error(&e);
                 }
             }
         }

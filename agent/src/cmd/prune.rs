@@ -3,11 +3,19 @@
 use std::path::Path;
 use std::process::ExitCode;
 
+use crate::daemon::lock::{self, Acquired};
+
 /// Delete backups no class keeps any more, and leftovers of crashed backups.
 ///
 /// A backup is kept while any of its classes' `keep` covers it; the newest backup of each
-/// class is always kept; backups of classes without a schedule are kept. Manifests go
-/// first, then data. Objects without a manifest are removed once older than a day.
+/// class and of the database is always kept; backups of classes without a schedule (or
+/// with no class) are kept. Manifests go first, then data. Objects without a manifest and
+/// unfinished multipart uploads are removed once their backup id is older than
+/// [agent] job_timeout plus an hour (no backup can still be writing them).
+///
+/// Each database is pruned under its repository lock; one whose lock another process holds
+/// (a backup in flight) is skipped with the holder named, and the exit code is non-zero.
+/// --dry-run deletes nothing and takes no lock.
 #[derive(clap::Args)]
 pub struct Args {
     /// Only this database (default: all configured databases).
@@ -35,10 +43,39 @@ impl Args {
             );
         }
         let now = jiff::Timestamp::now();
+        let owner = lock::new_owner();
         let mut reports = Vec::new();
         let mut failed = false;
         for db in dbs {
-            match dr_core::retention::prune(&repo, db, now, self.dry_run).await {
+            let guard = if self.dry_run {
+                None
+            } else {
+                match lock::acquire(&repo, db.name.as_str(), &owner, "prune").await {
+                    Ok(Acquired::Yes(g)) => Some(g),
+                    Ok(Acquired::HeldBy(holder)) => {
+                        failed = true;
+                        crate::print_error(&anyhow::anyhow!(
+                            "skipping database `{}`: it is locked by {holder}; nothing of it was deleted (prune again once that finishes)",
+                            db.name
+                        ));
+                        continue;
+                    }
+                    Err(e) => {
+                        failed = true;
+                        crate::print_error(&anyhow::Error::new(e).context(format!(
+                            "cannot take the lock of database `{}`; nothing of it was deleted",
+                            db.name
+                        )));
+                        continue;
+                    }
+                }
+            };
+            let result =
+                dr_core::retention::prune(&repo, db, now, config.job_timeout(), self.dry_run).await;
+            if let Some(guard) = guard {
+                guard.release().await;
+            }
+            match result {
                 Ok(r) => {
                     failed |= !r.errors.is_empty();
                     reports.push(r);
@@ -71,7 +108,7 @@ impl Args {
                     );
                 }
                 for o in &r.orphans {
-                    println!("{verb} {o}  (no manifest, older than a day)");
+                    println!("{verb} {o}  (no manifest, too old to be a backup in flight)");
                 }
                 for u in &r.stale_uploads {
                     let verb = if self.dry_run {
@@ -79,7 +116,10 @@ impl Args {
                     } else {
                         "aborted"
                     };
-                    println!("{verb} upload {u}  (left open by a crash, older than a day)");
+                    println!("{verb} upload {u}  (left open by a crash, too old to be in flight)");
+                }
+                for w in &r.warnings {
+                    eprintln!("warning: {w}");
                 }
                 for e in &r.errors {
                     eprintln!("error: {e}");

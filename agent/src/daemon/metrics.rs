@@ -29,12 +29,20 @@ pub struct DbStage {
     pub stage: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DbReason {
+    pub environment: String,
+    pub database: String,
+    pub reason: String,
+}
+
 pub struct Metrics {
     pub registry: Registry,
     pub last_success: Family<DbClass, FloatGauge>,
     pub duration: Family<Db, FloatGauge>,
     pub size: Family<DbStage, Gauge>,
     pub failures: Family<Db, Counter>,
+    pub skipped: Family<DbReason, Counter>,
     pub rpo: Family<Db, FloatGauge>,
     pub rpo_objective: Family<Db, FloatGauge>,
     pub drill_last_success: Family<Db, FloatGauge>,
@@ -50,6 +58,7 @@ impl Metrics {
             duration: Family::default(),
             size: Family::default(),
             failures: Family::default(),
+            skipped: Family::default(),
             rpo: Family::default(),
             rpo_objective: Family::default(),
             drill_last_success: Family::default(),
@@ -64,8 +73,8 @@ impl Metrics {
             m.last_success.clone(),
         );
         m.registry.register(
-            "dr_backup_duration_seconds",
-            "Duration of the last backup run",
+            "dr_backup_last_duration_seconds",
+            "Duration of the last backup run (a gauge: the last run only)",
             m.duration.clone(),
         );
         m.registry.register(
@@ -75,12 +84,17 @@ impl Metrics {
         );
         m.registry.register(
             "dr_backup_failures",
-            "Backup runs that failed",
+            "Backup runs that failed, including runs cancelled by [agent] job_timeout (not by shutdown)",
             m.failures.clone(),
         );
         m.registry.register(
+            "dr_backup_skipped",
+            "Scheduled backups not run, by reason (lock_held, already_done, shutdown)",
+            m.skipped.clone(),
+        );
+        m.registry.register(
             "dr_rpo_seconds",
-            "Age of the newest good backup (current recovery point objective reached)",
+            "Age of the newest good backup: the data an incident now would lose",
             m.rpo.clone(),
         );
         m.registry.register(

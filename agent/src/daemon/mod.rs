@@ -49,6 +49,9 @@ pub struct Shared {
     pub jobs: Arc<tokio::sync::Semaphore>,
     /// Serializes jobs of one database, across config generations.
     pub db_mutex: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
+    /// The slot of each database's job in flight (pending or running), across config
+    /// generations: after a reload, slots that fall after it still run.
+    pub in_flight: Arc<Mutex<HashMap<String, Timestamp>>>,
     /// Identifies this process in lock leases.
     pub owner: String,
     /// Cancels jobs in flight.
@@ -113,8 +116,9 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<ExitCode> {
         shutdown.clone(),
     ));
 
-    let owner = format!("{}-{:08x}", std::process::id(), rand::random::<u32>());
+    let owner = lock::new_owner();
     let db_mutex = Arc::new(Mutex::new(HashMap::new()));
+    let in_flight = Arc::new(Mutex::new(HashMap::new()));
     let last_success = Arc::new(Mutex::new(HashMap::new()));
     let breached = Arc::new(Mutex::new(BTreeSet::new()));
     let ready = Arc::new(Mutex::new(BTreeSet::new()));
@@ -137,6 +141,7 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<ExitCode> {
                 config.agent.max_concurrent_jobs,
             )),
             db_mutex: db_mutex.clone(),
+            in_flight: in_flight.clone(),
             owner: owner.clone(),
             abort: abort.clone(),
             last_success: last_success.clone(),

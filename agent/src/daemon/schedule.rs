@@ -37,6 +37,39 @@ pub fn next_slot(db: &DatabaseConfig, after: &Zoned) -> Option<Slot> {
     Some(Slot { at: first, classes })
 }
 
+/// How many fires of one schedule a single check looks at; past this, the rest of the
+/// window is summed up as "at least" this many.
+const MAX_FIRES: usize = 10_000;
+
+/// One class whose schedule fired in a window: its latest fire and how often it fired.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DueClass {
+    pub class: String,
+    pub last: Zoned,
+    pub fires: usize,
+}
+
+/// Every slot strictly after `handled` and at or before `now`, merged into one run: each
+/// class whose schedule fired in that window (in schedule order). Slots that fell while an
+/// earlier job ran are in it, so none is dropped.
+pub fn due(db: &DatabaseConfig, handled: &Zoned, now: &Zoned) -> Vec<DueClass> {
+    db.schedules
+        .iter()
+        .filter_map(|s| {
+            let fires = s.cron.runs_between(handled, now, MAX_FIRES);
+            let mut last = fires.last()?.clone();
+            if fires.len() == MAX_FIRES {
+                last = s.cron.previous_run(now).unwrap_or(last);
+            }
+            Some(DueClass {
+                class: s.class.to_string(),
+                last,
+                fires: fires.len(),
+            })
+        })
+        .collect()
+}
+
 /// Classes whose most recent scheduled run (at or before `now`) has no backup since:
 /// what a catch-up backup should count as.
 pub fn missed_classes(
@@ -147,5 +180,47 @@ mod tests {
         let d = db(&[("daily", "*/5 * * * * *")]);
         let s = next_slot(&d, &at("UTC", "2026-11-23T10:00:01")).unwrap();
         assert_eq!(s.at, at("UTC", "2026-11-23T10:00:05"));
+    }
+
+    #[test]
+    fn a_slot_that_falls_during_a_long_job_is_still_due_after_it() {
+        // A daily job from 04:00 runs past 04:00 on the 1st, when the monthly fires.
+        let d = db(&[("daily", "0 3 * * *"), ("monthly", "0 4 1 * *")]);
+        let handled = at("UTC", "2026-12-01T03:00:00");
+        let after_job = at("UTC", "2026-12-01T05:30:00");
+        let due = due(&d, &handled, &after_job);
+        assert_eq!(
+            due,
+            vec![DueClass {
+                class: "monthly".into(),
+                last: at("UTC", "2026-12-01T04:00:00"),
+                fires: 1
+            }]
+        );
+        // Nothing fell in the window: nothing due, the loop sleeps until the next slot.
+        assert!(super::due(&d, &after_job, &at("UTC", "2026-12-01T12:00:00")).is_empty());
+    }
+
+    #[test]
+    fn slots_missed_during_a_very_long_job_merge_into_one_run() {
+        // A job that ran for two and a half days: two dailies and a monthly fell.
+        let d = db(&[("daily", "0 3 * * *"), ("monthly", "0 4 1 * *")]);
+        let handled = at("UTC", "2026-11-30T03:00:00");
+        let now = at("UTC", "2026-12-02T15:00:00");
+        let due = due(&d, &handled, &now);
+        let classes: Vec<(&str, usize)> = due.iter().map(|c| (c.class.as_str(), c.fires)).collect();
+        assert_eq!(classes, vec![("daily", 2), ("monthly", 1)]);
+        assert_eq!(due[0].last, at("UTC", "2026-12-02T03:00:00"));
+    }
+
+    #[test]
+    fn the_handled_slot_itself_is_not_due_again() {
+        let d = db(&[("daily", "*/5 * * * * *")]);
+        let handled = at("UTC", "2026-11-23T10:00:05");
+        assert!(due(&d, &handled, &handled).is_empty());
+        assert!(due(&d, &handled, &at("UTC", "2026-11-23T10:00:09")).is_empty());
+        let due = due(&d, &handled, &at("UTC", "2026-11-23T10:00:10"));
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].last, at("UTC", "2026-11-23T10:00:10"));
     }
 }

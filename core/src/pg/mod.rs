@@ -247,10 +247,15 @@ impl Connection {
         &self,
         tools: &PgTools,
         snapshot: Option<&str>,
+        lock_wait_timeout: std::time::Duration,
     ) -> Result<ChildSource, PgError> {
         let mut cmd = self.command(&tools.bin("pg_dump"));
         cmd.args(["--format=custom", "--compress=0", "--no-password"])
-            .arg(format!("--dbname={}", self.url.for_argv()));
+            .arg(format!("--dbname={}", self.url.for_argv()))
+            .arg(format!(
+                "--lock-wait-timeout={}",
+                lock_wait_timeout.as_millis().max(1)
+            ));
         if let Some(id) = snapshot {
             cmd.arg(format!("--snapshot={id}"));
         }

@@ -26,11 +26,24 @@ pub enum StorageError {
         location: String,
         message: String,
     },
+    /// The store does not implement this operation (e.g. s3s-fs has no ListMultipartUploads).
+    #[error("{op} {key} in {location}: the store does not support this ({message})")]
+    Unsupported {
+        op: &'static str,
+        key: String,
+        location: String,
+        message: String,
+    },
 }
 
 impl StorageError {
     pub fn is_not_found(&self) -> bool {
         matches!(self, StorageError::NotFound { .. })
+    }
+
+    /// Whether the store lacks the operation, so a caller may skip an optional step.
+    pub fn is_unsupported(&self) -> bool {
+        matches!(self, StorageError::Unsupported { .. })
     }
 }
 

@@ -122,6 +122,14 @@ where
                 location: location.to_string(),
             }
         }
+        Some("NotImplemented") => {
+            return StorageError::Unsupported {
+                op,
+                key: key.to_string(),
+                location: location.to_string(),
+                message: e.message().unwrap_or("NotImplemented").to_string(),
+            }
+        }
         Some("NoSuchBucket") => format!("bucket `{bucket}` does not exist; create it or fix [storage] url"),
         Some("AccessDenied") | Some("Forbidden") => format!(
             "access denied: check the credentials (AWS_ACCESS_KEY_ID, profile or role) and that the policy allows {op} on bucket `{bucket}`"
