@@ -100,6 +100,14 @@ impl TryFrom<String> for ConnUrl {
         if !matches!(url.scheme(), "postgres" | "postgresql") {
             return Err(bad());
         }
+        // An `@` after the parsed host means a `/`, `#` or `?` in the password cut it short,
+        // and part of it would be taken as the database name or port.
+        if url[url::Position::BeforeHost..].contains('@') {
+            return Err(format!(
+                "database url `{}` does not parse: its password holds a character URLs reserve (`/`, `#`, `?`, `@`); percent-encode it (e.g. %2F for /, %23 for #) or move it to password_file",
+                redact::redact_urls(&text)
+            ));
+        }
         let mut password = url.password().map(percent_decode).map(SecretString::from);
         url.set_password(None).map_err(|_| bad())?;
         // A `password=` query parameter is as secret as the userinfo one.
@@ -132,10 +140,9 @@ impl TryFrom<String> for ConnUrl {
 }
 
 fn percent_decode(s: &str) -> String {
-    url::form_urlencoded::parse(format!("x={}", s.replace('+', "%2B")).as_bytes())
-        .next()
-        .map(|(_, v)| v.into_owned())
-        .unwrap_or_default()
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 /// How to reach one database: its URL and the password resolved from the config.
