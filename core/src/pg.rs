@@ -90,10 +90,16 @@ impl fmt::Debug for ConnUrl {
 impl TryFrom<String> for ConnUrl {
     type Error = String;
     fn try_from(text: String) -> Result<Self, String> {
+        let reserved = "percent-encode `/`, `#`, `?` and `@` in the password (%2F, %23, %3F, %40) or move it to password_file";
         let bad = || {
             format!(
-                "invalid database url `{}`: expected postgres://user@host:port/dbname",
-                redact::redact_urls(&text)
+                "invalid database url `{}`: expected postgres://user@host:port/dbname{}",
+                redact::redact_urls(&text),
+                if redact::has_password(&text) {
+                    format!("; {reserved}")
+                } else {
+                    String::new()
+                }
             )
         };
         let mut url = url::Url::parse(&text).map_err(|_| bad())?;
@@ -104,7 +110,7 @@ impl TryFrom<String> for ConnUrl {
         // and part of it would be taken as the database name or port.
         if url[url::Position::BeforeHost..].contains('@') {
             return Err(format!(
-                "database url `{}` does not parse: its password holds a character URLs reserve (`/`, `#`, `?`, `@`); percent-encode it (e.g. %2F for /, %23 for #) or move it to password_file",
+                "database url `{}` has an `@` after its host, so its password was cut short: {reserved}",
                 redact::redact_urls(&text)
             ));
         }
@@ -476,6 +482,13 @@ mod tests {
             .err()
             .unwrap();
         assert!(e.contains("names no database"), "{e}");
+        for (text, secret) in [
+            ("postgres://app:pa#ss/w@db/app", "ss/w"),
+            ("postgres://app:7777/zebra@db/app", "zebra"),
+        ] {
+            let e = ConnUrl::try_from(text.to_string()).err().unwrap();
+            assert!(e.contains("percent-encode") && !e.contains(secret), "{e}");
+        }
     }
 
     #[test]
