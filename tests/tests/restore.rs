@@ -789,10 +789,7 @@ fn restore_refuses_a_password_in_the_target_url() {
         bed.base.cluster.port()
     );
     for url in [with_password, unparseable] {
-        let out = bed
-            .restore()
-            .args(["--target", &url, "--create"])
-            .run();
+        let out = bed.restore().args(["--target", &url, "--create"]).run();
         out.assert_failure_mentions(&["PGPASSWORD", "pgpass", "--target-password-file"]);
         assert!(
             !out.both().contains(&password),

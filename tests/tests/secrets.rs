@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use dr_tests::{
-    database_toml, encryption_toml, free_port, keygen, write_config, write_secret_file, Agent,
-    Dr, DrOutput, Keypair, Storage,
+    database_toml, encryption_toml, free_port, keygen, write_config, write_secret_file, Agent, Dr,
+    DrOutput, Keypair, Storage,
 };
 use tempfile::TempDir;
 
@@ -87,9 +87,7 @@ fn unparseable_database_urls_are_redacted_by_config_check_backup_and_restore() {
             check.stderr
         );
 
-        let backup = Dr::new(&config)
-            .args(["backup", "--database", "app"])
-            .run();
+        let backup = Dr::new(&config).args(["backup", "--database", "app"]).run();
         assert_fails_hidden(&backup, fragments, "dr backup");
 
         // The same URL given to restore, with a config that is fine.
@@ -128,11 +126,7 @@ fn config_check_fails_on_world_readable_secret_files() {
     let setup = Setup::new();
     let password_file = setup.dir().join("db-password");
     write_secret_file(&password_file, "hunter2-but-longer");
-    let config = setup.config(
-        "postgres://app@127.0.0.1:1/app",
-        Some(&password_file),
-        "",
-    );
+    let config = setup.config("postgres://app@127.0.0.1:1/app", Some(&password_file), "");
     Dr::new(&config)
         .args(["config", "check"])
         .run()

@@ -53,10 +53,8 @@ fn secret_file_problems(config: &Config) -> Vec<String> {
                 DrillTarget::Server(url) => dr_core::pg::Connection::new(url, Some(path))
                     .map(|_| ())
                     .map_err(|e| e.to_string()),
-                DrillTarget::Ephemeral => {
-                    dr_core::keys::check_not_world_readable(path, "password")
-                        .map_err(|e| e.to_string())
-                }
+                DrillTarget::Ephemeral => dr_core::keys::check_not_world_readable(path, "password")
+                    .map_err(|e| e.to_string()),
             };
             if let Err(e) = checked {
                 problems.push(format!("database {}: drill password_file: {e}", db.name));
@@ -86,8 +84,14 @@ fn print_summary(config: &Config, path: &Path, runs: usize) -> Vec<String> {
         println!("encryption:  age, {recipients} recipient(s)");
     }
     if let Some(id) = &config.encryption.identity_file {
-        let bad = problems.iter().any(|p| p.starts_with("[encryption] identity_file"));
-        let state = if bad { "PROBLEM: see below" } else { "readable" };
+        let bad = problems
+            .iter()
+            .any(|p| p.starts_with("[encryption] identity_file"));
+        let state = if bad {
+            "PROBLEM: see below"
+        } else {
+            "readable"
+        };
         println!("identity:    {} ({state})", id.display());
     }
     println!("schedules in time zone {}", tz.name());

@@ -5,8 +5,8 @@ use std::process::ExitCode;
 
 use comfy_table::{presets::UTF8_BORDERS_ONLY, Cell, CellAlignment, Table};
 use dr_core::manifest::{Manifest, ObjectRole};
-use serde::Serialize;
 use indicatif::HumanBytes;
+use serde::Serialize;
 
 /// List backups, oldest first. Reads only manifests: no private key is needed.
 #[derive(clap::Args)]
