@@ -75,19 +75,24 @@ pub enum RestoreError {
         newest: String,
         dir: PathBuf,
     },
-    #[error("backup {backup} was written by pg_dump {archive}, but the target database `{database}` is on PostgreSQL {server}, an older major: pg_restore {pg_restore} would emit what PostgreSQL {major} understands and fail half way. Restore into a PostgreSQL {major} or newer server (nothing was changed)")]
-    TargetOlderThanArchive {
-        backup: String,
-        archive: String,
-        major: u32,
-        pg_restore: String,
-        database: String,
-        server: String,
-    },
+    #[error(transparent)]
+    TargetOlderThanArchive(Box<TargetOlderThanArchive>),
     #[error(transparent)]
     Child(#[from] ChildError),
     #[error("cancelled")]
     Cancelled,
+}
+
+/// A target server older than the archive's pg_dump (boxed: it names many versions).
+#[derive(Debug, thiserror::Error)]
+#[error("backup {backup} was written by pg_dump {archive}, but the target database `{database}` is on PostgreSQL {server}, an older major: pg_restore {pg_restore} would emit what PostgreSQL {major} understands and fail half way. Restore into a PostgreSQL {major} or newer server (nothing was changed)")]
+pub struct TargetOlderThanArchive {
+    pub backup: String,
+    pub archive: String,
+    pub major: u32,
+    pub pg_restore: String,
+    pub database: String,
+    pub server: String,
 }
 
 impl RestoreError {

@@ -214,14 +214,16 @@ async fn connect_target(conn: &Connection, m: &Manifest) -> Result<Target, Resto
     let major = archive_major(m);
     let target = blocking(move || Ok(Target::connect(conn, major)?)).await?;
     if target.server.major() < major {
-        return Err(RestoreError::TargetOlderThanArchive {
-            backup: m.id.to_string(),
-            archive: m.pg_dump_version.clone(),
-            major,
-            pg_restore: target.tools.version.clone(),
-            database: target.database().to_string(),
-            server: target.server.text.clone(),
-        });
+        return Err(RestoreError::TargetOlderThanArchive(Box::new(
+            crate::TargetOlderThanArchive {
+                backup: m.id.to_string(),
+                archive: m.pg_dump_version.clone(),
+                major,
+                pg_restore: target.tools.version.clone(),
+                database: target.database().to_string(),
+                server: target.server.text.clone(),
+            },
+        )));
     }
     Ok(target)
 }
