@@ -67,14 +67,44 @@ pub enum RestoreError {
     },
     #[error("{path} already exists; pick another --output or remove it first")]
     OutputExists { path: PathBuf },
+    #[error("needs pg_restore ≥ {major}: backup {backup} was written by pg_dump {archive}, and the newest pg_restore on this host is {newest} ({dir}); install postgresql-client-{major}, or put its bin directory first on PATH")]
+    PgRestoreTooOld {
+        backup: String,
+        archive: String,
+        major: u32,
+        newest: String,
+        dir: PathBuf,
+    },
+    #[error(transparent)]
+    TargetOlderThanArchive(Box<TargetOlderThanArchive>),
     #[error(transparent)]
     Child(#[from] ChildError),
     #[error("cancelled")]
     Cancelled,
 }
 
+/// A target server older than the archive's pg_dump (boxed: it names many versions).
+#[derive(Debug, thiserror::Error)]
+#[error("backup {backup} was written by pg_dump {archive}, but the target database `{database}` is on PostgreSQL {server}, an older major: pg_restore {pg_restore} would emit what PostgreSQL {major} understands and fail half way. Restore into a PostgreSQL {major} or newer server (nothing was changed)")]
+pub struct TargetOlderThanArchive {
+    pub backup: String,
+    pub archive: String,
+    pub major: u32,
+    pub pg_restore: String,
+    pub database: String,
+    pub server: String,
+}
+
 impl RestoreError {
     pub fn is_cancelled(&self) -> bool {
         matches!(self, RestoreError::Cancelled)
+    }
+
+    /// No pg_restore on this host can read the archive: not a verdict on the backup.
+    pub fn is_missing_tools(&self) -> bool {
+        matches!(
+            self,
+            RestoreError::PgRestoreTooOld { .. } | RestoreError::Pg(PgError::NoTools { .. })
+        )
     }
 }

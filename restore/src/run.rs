@@ -6,6 +6,9 @@
 //! - **streamed** (`jobs = 1` into a database this run creates): stored bytes flow straight
 //!   into `pg_restore`. A failure drops the database we created, so nothing half-restored
 //!   remains.
+//!
+//! Both refuse up front an archive this host's `pg_restore` cannot read, or a target server
+//! older than the archive. Cleanup after a failure or Ctrl-C is bounded and says what it does.
 
 use std::io::{BufRead, BufReader, BufWriter};
 use std::path::{Path, PathBuf};
@@ -13,11 +16,11 @@ use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use dr_core::keys::Identities;
 use dr_core::manifest::{Manifest, ObjectEntry, ObjectRole};
-use dr_core::pg::Connection;
+use dr_core::pg::{Connection, PgError, PgTools};
 use dr_core::pipeline::child::{describe_status, ChildError};
 use dr_core::pipeline::Control;
 use dr_core::repo::Repository;
@@ -31,6 +34,13 @@ use crate::RestoreError;
 
 /// Headroom asked of the staging disk beyond the archive itself.
 const STAGING_MARGIN: u64 = 64 * 1024 * 1024;
+
+/// How long pg_restore gets to stop after SIGTERM before its process group is killed.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// How long dropping a database this run created may take before dr stops waiting and says
+/// what to do by hand: Ctrl-C must not leave the operator staring at a silent terminal.
+const DROP_LIMIT: Duration = Duration::from_secs(15);
 
 pub struct Request {
     pub database: String,
@@ -163,6 +173,61 @@ fn archive_major(m: &Manifest) -> u32 {
         .unwrap_or(0)
 }
 
+/// The oldest `pg_restore` among `found` that can read the archive of `m` (pg_restore reads
+/// archives of its own and older majors only).
+pub(crate) fn pg_restore_for(found: &[PgTools], m: &Manifest) -> Result<PgTools, RestoreError> {
+    let major = archive_major(m);
+    if let Some(tools) = found
+        .iter()
+        .filter(|t| t.major >= major)
+        .min_by_key(|t| t.major)
+    {
+        return Ok(tools.clone());
+    }
+    match found.first() {
+        None => Err(PgError::NoTools {
+            needed: major.max(15),
+        }
+        .into()),
+        Some(newest) => Err(RestoreError::PgRestoreTooOld {
+            backup: m.id.to_string(),
+            archive: m.pg_dump_version.clone(),
+            major,
+            newest: newest.version.clone(),
+            dir: newest.dir.clone(),
+        }),
+    }
+}
+
+/// Finds the client tools and refuses an archive none of them can read, before any
+/// connection is made.
+async fn check_pg_restore(m: &Manifest) -> Result<(), RestoreError> {
+    let found = blocking(|| Ok(PgTools::discover())).await?;
+    pg_restore_for(&found, m).map(|_| ())
+}
+
+/// Connects to the target, refusing a server older than the archive: pg_restore emits what
+/// the archive's major knows, which an older server rejects half way through.
+async fn connect_target(conn: &Connection, m: &Manifest) -> Result<Target, RestoreError> {
+    check_pg_restore(m).await?;
+    let conn = conn.clone();
+    let major = archive_major(m);
+    let target = Target::connect(conn, major).await?;
+    if target.server.major() < major {
+        return Err(RestoreError::TargetOlderThanArchive(Box::new(
+            crate::TargetOlderThanArchive {
+                backup: m.id.to_string(),
+                archive: m.pg_dump_version.clone(),
+                major,
+                pg_restore: target.tools.version.clone(),
+                database: target.database().to_string(),
+                server: target.server.text.clone(),
+            },
+        )));
+    }
+    Ok(target)
+}
+
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, RestoreError> + Send + 'static,
 ) -> Result<T, RestoreError> {
@@ -220,9 +285,7 @@ pub async fn dry_run(repo: &Repository, req: &Request) -> Result<DryRun, Restore
             force,
             ..
         } => {
-            let conn = conn.clone();
-            let major = archive_major(&m);
-            let state = Target::connect(conn, major).await?.inspect().await?;
+            let state = connect_target(conn, &m).await?.inspect().await?;
             let db = match &req.destination {
                 Destination::Database { conn, .. } => conn.url.to_string(),
                 Destination::File(_) => unreachable!(),
@@ -298,7 +361,7 @@ pub async fn restore(
             no_acl,
         } => {
             summary.destination = conn.url.to_string();
-            let target = Arc::new(Target::connect(conn.clone(), archive_major(&m)).await?);
+            let target = Arc::new(connect_target(conn, &m).await?);
             let state = target.inspect().await?;
             let clean = check_target(&target, &state, *create, *force, confirm)?;
             let opts = PgRestoreOptions {
@@ -475,22 +538,33 @@ async fn staged(
     let (fetch, decode, tmp) = decode_into(repo, m, data, req, tmp, watch).await?;
     summary.seconds.fetch = fetch;
     summary.seconds.decrypt_decompress = decode;
+    // The roles script is verified too before the target is touched.
+    let globals_sql = match with_globals {
+        true => Some(fetch_globals(repo, m, req, watch).await?),
+        false => None,
+    };
     if watch.pipeline.cancel.is_cancelled() {
         return Err(RestoreError::Cancelled);
     }
     if summary.target_created {
         target.create().await?;
     }
-    if with_globals {
-        summary.globals = Some(apply_globals(repo, m, req, target, watch).await?);
+    // From here on, any failure drops the database this run created.
+    let result = async {
+        if let Some(sql) = globals_sql {
+            summary.globals = Some(apply_globals(target, sql).await?);
+        }
+        if watch.pipeline.cancel.is_cancelled() {
+            return Err(RestoreError::Cancelled);
+        }
+        watch.set(Phase::Restoring);
+        let started = Instant::now();
+        let path = tmp.path().to_owned();
+        let result = run_pg_restore_file(target.clone(), opts, path, watch.clone()).await;
+        summary.seconds.pg_restore = started.elapsed().as_secs_f64();
+        result
     }
-    watch.set(Phase::Restoring);
-    let started = Instant::now();
-    let path = tmp.path().to_owned();
-    let t = target.clone();
-    let w = watch.clone();
-    let result = run_pg_restore_file(t, opts, path, w).await;
-    summary.seconds.pg_restore = started.elapsed().as_secs_f64();
+    .await;
     drop(tmp);
     if result.is_err() && summary.target_created {
         drop_created(target).await;
@@ -498,10 +572,30 @@ async fn staged(
     result
 }
 
-/// Drops a database this restore created, after a failure, so no half-restore remains.
+/// Drops a database this restore created, after a failure or Ctrl-C, so no half-restore
+/// remains. Bounded: after [`DROP_LIMIT`] it stops waiting and says how to finish by hand.
 async fn drop_created(target: &Arc<Target>) {
-    if let Err(e) = target.drop_created().await {
-        tracing::error!(error = %e, database = target.database(), "could not drop the database this restore created; drop it by hand");
+    let database = target.database().to_string();
+    tracing::warn!(
+        database,
+        "dropping database {database} that this restore created (up to {} s)…",
+        DROP_LIMIT.as_secs()
+    );
+    let by_hand = format!(
+        "DROP DATABASE IF EXISTS {}",
+        dr_core::pg::quote_ident(&database)
+    );
+    match tokio::time::timeout(DROP_LIMIT, target.drop_created()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(
+            error = %e, database,
+            "could not drop the database this restore created; drop it by hand: {by_hand}"
+        ),
+        Err(_) => tracing::error!(
+            database,
+            "dropping the database this restore created did not finish within {} s; check it and drop it by hand: {by_hand}",
+            DROP_LIMIT.as_secs()
+        ),
     }
 }
 
@@ -520,18 +614,47 @@ async fn run_pg_restore_file(
     });
     let restore = tokio::select! {
         r = &mut handle => r.expect("pg_restore start panicked")?,
-        _ = cancel.cancelled() => return Err(RestoreError::Cancelled),
+        _ = cancel.cancelled() => {
+            // It may have started meanwhile: stop it rather than leave it running.
+            if let Ok(Ok(restore)) = handle.await {
+                let _ = wait_or_cancel(restore, &cancel).await;
+            }
+            return Err(RestoreError::Cancelled);
+        }
     };
+    wait_or_cancel(restore, &cancel).await
+}
+
+/// Waits for pg_restore; on cancellation stops it (and its parallel workers) first.
+async fn wait_or_cancel(
+    restore: PgRestore,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> Result<(), RestoreError> {
     let pid = restore.pid();
     let mut wait = tokio::task::spawn_blocking(move || restore.wait());
     tokio::select! {
         r = &mut wait => r.expect("pg_restore wait panicked"),
         _ = cancel.cancelled() => {
-            kill(pid);
-            let _ = wait.await;
+            stop_pg_restore(pid, wait).await;
             Err(RestoreError::Cancelled)
         }
     }
+}
+
+/// SIGTERM to pg_restore's process group (it and its `-j` workers), SIGKILL after
+/// [`STOP_GRACE`]; waits a bounded time for it to be reaped.
+async fn stop_pg_restore(pid: u32, mut wait: tokio::task::JoinHandle<Result<(), RestoreError>>) {
+    tracing::warn!("stopping pg_restore…");
+    signal_group(pid, rustix::process::Signal::TERM);
+    if tokio::time::timeout(STOP_GRACE, &mut wait).await.is_ok() {
+        return;
+    }
+    tracing::warn!(
+        "pg_restore did not stop within {} s of SIGTERM; killing it",
+        STOP_GRACE.as_secs()
+    );
+    signal_group(pid, rustix::process::Signal::KILL);
+    let _ = tokio::time::timeout(STOP_GRACE, wait).await;
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -546,16 +669,23 @@ async fn streamed(
     watch: &Arc<Watch>,
     summary: &mut Summary,
 ) -> Result<(), RestoreError> {
-    // A wrong key is found before anything is created.
+    // A wrong key, or a damaged roles script, is found before anything is created.
     check_key(repo, m, data, req).await?;
+    let globals_sql = match with_globals {
+        true => Some(fetch_globals(repo, m, req, watch).await?),
+        false => None,
+    };
     target.create().await?;
     tracing::info!(
         database = target.database(),
         "streaming into a database this restore created; if anything fails it is dropped"
     );
     let result = async {
-        if with_globals {
-            summary.globals = Some(apply_globals(repo, m, req, target, watch).await?);
+        if let Some(sql) = globals_sql {
+            summary.globals = Some(apply_globals(target, sql).await?);
+        }
+        if watch.pipeline.cancel.is_cancelled() {
+            return Err(RestoreError::Cancelled);
         }
         watch.set(Phase::Restoring);
         let start = Instant::now();
@@ -584,13 +714,13 @@ async fn streamed(
         match fetched {
             Ok((_, stdin)) => {
                 drop(stdin);
-                let r = blocking(move || restore.wait()).await;
+                let r = wait_or_cancel(restore, &watch.pipeline.cancel).await;
                 summary.seconds.pg_restore = start.elapsed().as_secs_f64();
                 r
             }
             Err(e) => {
-                kill(restore.pid());
-                let _ = blocking(move || restore.wait()).await;
+                let pid = restore.pid();
+                stop_pg_restore(pid, tokio::task::spawn_blocking(move || restore.wait())).await;
                 Err(e)
             }
         }
@@ -602,13 +732,13 @@ async fn streamed(
     result
 }
 
-async fn apply_globals(
+/// Fetches and verifies the backup's roles script.
+async fn fetch_globals(
     repo: &Repository,
     m: &Manifest,
     req: &Request,
-    target: &Arc<Target>,
     watch: &Watch,
-) -> Result<GlobalsReport, RestoreError> {
+) -> Result<String, RestoreError> {
     let entry = object(m, ObjectRole::Globals)?.clone();
     let (_, sql) = fetch_decoded(
         repo,
@@ -623,19 +753,18 @@ async fn apply_globals(
         &FetchClock::default(),
     )
     .await?;
+    Ok(String::from_utf8_lossy(&sql).into_owned())
+}
+
+async fn apply_globals(target: &Arc<Target>, sql: String) -> Result<GlobalsReport, RestoreError> {
     let existing = globals::existing_roles(target).await?;
     let t = target.clone();
-    let report = blocking(move || {
-        Ok(globals::apply(
-            &t.conn,
-            &t.tools,
-            &String::from_utf8_lossy(&sql),
-            &existing,
-        )?)
-    })
-    .await?;
-    if !report.skipped_existing.is_empty() {
-        tracing::info!(roles = ?report.skipped_existing, "roles that already exist were left unchanged");
+    let report = blocking(move || Ok(globals::apply(&t.conn, &t.tools, &sql, &existing)?)).await?;
+    if !report.skipped_existing.is_empty() || report.skipped_statements > 0 {
+        tracing::info!(
+            roles = ?report.skipped_existing, statements = report.skipped_statements,
+            "roles that already exist were left unchanged (their attributes, settings, memberships and grants)"
+        );
     }
     if !report.created.is_empty() {
         tracing::info!(roles = ?report.created, "created roles from the backup");
@@ -664,21 +793,15 @@ fn check_space(dir: &Path, raw_bytes: u64) -> Result<(), RestoreError> {
 }
 
 fn free_space(dir: &Path) -> std::io::Result<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
-        .map_err(|_| std::io::Error::other("path contains NUL"))?;
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `c` is a valid NUL-terminated path and `st` a valid out-pointer.
-    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(st.f_bavail as u64 * st.f_frsize as u64)
+    let st = rustix::fs::statvfs(dir)?;
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
-fn kill(pid: u32) {
-    // SAFETY: plain kill(2) on a child we spawned and have not reaped yet.
-    unsafe {
-        libc::kill(pid as i32, libc::SIGTERM);
+/// Signals the process group pg_restore leads (it was spawned as its own group). Our
+/// waiter may have reaped it already; the group id is not reused while any member lives.
+fn signal_group(pid: u32, signal: rustix::process::Signal) {
+    if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
+        let _ = rustix::process::kill_process_group(pid, signal);
     }
 }
 

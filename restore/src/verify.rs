@@ -3,6 +3,10 @@
 //! The plain check needs no private key: every object is present, has the manifest's size
 //! and sha256. `--deep` also decrypts and decompresses everything (age and zstd verify
 //! themselves) and has `pg_restore --list` read the archive's table of contents.
+//!
+//! When no pg_restore on this host can read the archive (it was written by a newer pg_dump),
+//! the archive is still decoded in full, and the check is reported as incomplete: that is a
+//! limit of this host, not a verdict on the backup.
 
 use std::io::{self, Read, Write};
 use std::process::{ChildStdin, Stdio};
@@ -22,7 +26,10 @@ use crate::RestoreError;
 pub struct BackupCheck {
     pub backup_id: String,
     pub database: String,
+    /// No object failed.
     pub ok: bool,
+    /// Every requested check ran (false when the archive could not be listed here).
+    pub complete: bool,
     pub objects: Vec<ObjectCheck>,
 }
 
@@ -39,6 +46,17 @@ pub struct ObjectCheck {
     /// Entries `pg_restore --list` read (`--deep`, data object only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub toc_entries: Option<u64>,
+    /// Why part of `--deep` could not run on this host (e.g. `pg_restore` too old).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cannot_deep_verify: Option<String>,
+}
+
+/// What a check of one object found.
+#[derive(Default)]
+struct Found {
+    raw_bytes: Option<u64>,
+    toc_entries: Option<u64>,
+    cannot_deep_verify: Option<String>,
 }
 
 /// Checks each backup; `identities` makes it deep.
@@ -48,21 +66,28 @@ pub async fn verify(
     identities: Option<Arc<Identities>>,
 ) -> Vec<BackupCheck> {
     let mut out = Vec::new();
+    let tools = match identities {
+        Some(_) => tokio::task::spawn_blocking(PgTools::discover)
+            .await
+            .expect("discovery panicked"),
+        None => Vec::new(),
+    };
     for m in backups {
         let mut objects = Vec::new();
         for entry in &m.objects {
             let result = match &identities {
-                None => fetch_hashed(repo, m, entry).await.map(|_| (None, None)),
-                Some(ids) => deep(repo, m, entry, ids.clone()).await,
+                None => fetch_hashed(repo, m, entry).await.map(|_| Found::default()),
+                Some(ids) => deep(repo, m, entry, ids.clone(), &tools).await,
             };
             objects.push(match result {
-                Ok((raw_bytes, toc_entries)) => ObjectCheck {
+                Ok(found) => ObjectCheck {
                     name: entry.name.clone(),
                     ok: true,
                     error: None,
                     stored_bytes: entry.stored_bytes,
-                    raw_bytes,
-                    toc_entries,
+                    raw_bytes: found.raw_bytes,
+                    toc_entries: found.toc_entries,
+                    cannot_deep_verify: found.cannot_deep_verify,
                 },
                 Err(e) => ObjectCheck {
                     name: entry.name.clone(),
@@ -71,6 +96,7 @@ pub async fn verify(
                     stored_bytes: entry.stored_bytes,
                     raw_bytes: None,
                     toc_entries: None,
+                    cannot_deep_verify: None,
                 },
             });
         }
@@ -78,6 +104,7 @@ pub async fn verify(
             backup_id: m.id.to_string(),
             database: m.database.clone(),
             ok: objects.iter().all(|o| o.ok),
+            complete: objects.iter().all(|o| o.cannot_deep_verify.is_none()),
             objects,
         });
     }
@@ -89,19 +116,37 @@ async fn deep(
     m: &Manifest,
     entry: &ObjectEntry,
     ids: Arc<Identities>,
-) -> Result<(Option<u64>, Option<u64>), RestoreError> {
+    found: &[PgTools],
+) -> Result<Found, RestoreError> {
     let control = Control::default();
     let clock = FetchClock::default();
-    if entry.role != ObjectRole::Data {
-        let (d, _) = fetch_decoded(repo, m, entry, ids, io::sink(), &control, &clock).await?;
-        return Ok((Some(d.raw_bytes), None));
+    let mut cannot_deep_verify = None;
+    if entry.role == ObjectRole::Data {
+        match crate::run::pg_restore_for(found, m) {
+            Ok(tools) => return list_archive(repo, m, entry, ids, &tools).await,
+            Err(e) if e.is_missing_tools() => cannot_deep_verify = Some(e.to_string()),
+            Err(e) => return Err(e),
+        }
     }
-    let tools = tokio::task::spawn_blocking(|| {
-        let found = PgTools::discover();
-        PgTools::newest(&found).cloned()
+    // Age and zstd still prove the object whole, without pg_restore.
+    let (d, _) = fetch_decoded(repo, m, entry, ids, io::sink(), &control, &clock).await?;
+    Ok(Found {
+        raw_bytes: Some(d.raw_bytes),
+        toc_entries: None,
+        cannot_deep_verify,
     })
-    .await
-    .expect("discovery panicked")?;
+}
+
+/// Decodes the data object into `pg_restore --list`, which reads its table of contents.
+async fn list_archive(
+    repo: &Repository,
+    m: &Manifest,
+    entry: &ObjectEntry,
+    ids: Arc<Identities>,
+    tools: &PgTools,
+) -> Result<Found, RestoreError> {
+    let control = Control::default();
+    let clock = FetchClock::default();
     let mut child = std::process::Command::new(tools.bin("pg_restore"))
         .arg("--list")
         .stdin(Stdio::piped())
@@ -151,7 +196,11 @@ async fn deep(
         .lines()
         .filter(|l| !l.starts_with(';') && !l.trim().is_empty())
         .count() as u64;
-    Ok((Some(decoded.raw_bytes), Some(entries)))
+    Ok(Found {
+        raw_bytes: Some(decoded.raw_bytes),
+        toc_entries: Some(entries),
+        cannot_deep_verify: None,
+    })
 }
 
 /// Feeds `pg_restore --list` until it has read the table of contents and closed its end,

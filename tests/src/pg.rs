@@ -52,7 +52,12 @@ logging_collector = off
 impl PgCluster {
     /// Creates and starts a fresh cluster. Panics with the server log on failure.
     pub fn start() -> PgCluster {
-        let bindir = pg_bindir();
+        PgCluster::start_with_bindir(pg_bindir())
+    }
+
+    /// Like [`PgCluster::start`] with the server binaries of `bindir` (e.g. another major
+    /// from [`crate::postgresql_binaries`]).
+    pub fn start_with_bindir(bindir: PathBuf) -> PgCluster {
         assert!(
             bindir.join("initdb").exists(),
             "PostgreSQL binaries not found in {} (install Debian's postgresql-15 or set DR_PG_BINDIR)",
@@ -70,6 +75,10 @@ impl PgCluster {
             .prefix("dr-pg-")
             .tempdir_in(parent)
             .expect("create cluster temp dir");
+        let bindir = match user {
+            Some(_) if !reachable_by_all(&bindir) => copy_install(&bindir, dir.path()),
+            _ => bindir,
+        };
         let mut cluster = PgCluster {
             dir,
             bindir,
@@ -360,6 +369,36 @@ impl Drop for PgCluster {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// True when every user may reach `dir` (each ancestor searchable by others).
+fn reachable_by_all(dir: &Path) -> bool {
+    dir.ancestors()
+        .all(|d| fs::metadata(d).is_ok_and(|m| m.permissions().mode() & 0o001 != 0))
+}
+
+/// Copies the installation `bindir` belongs to (hard links where possible) into `dir/pg`,
+/// for a server user who cannot reach it (e.g. a cache under root's 0700 home).
+fn copy_install(bindir: &Path, dir: &Path) -> PathBuf {
+    let install = bindir.parent().expect("bindir has a parent");
+    let copy = dir.join("pg");
+    let linked = Command::new("cp")
+        .arg("-al")
+        .arg(install)
+        .arg(&copy)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !linked {
+        let _ = fs::remove_dir_all(&copy);
+        let status = Command::new("cp")
+            .arg("-a")
+            .arg(install)
+            .arg(&copy)
+            .status()
+            .expect("run cp");
+        assert!(status.success(), "copying {} failed", install.display());
+    }
+    copy.join(bindir.file_name().expect("bindir has a name"))
 }
 
 /// Quotes an SQL identifier.

@@ -674,6 +674,132 @@ fn globals_recreates_a_role_the_source_had() {
     );
 }
 
+/// One role's attributes, settings, memberships and comment, as the catalog shows them.
+fn role_state(cluster: &PgCluster, role: &str) -> String {
+    cluster.psql(
+        "postgres",
+        &format!(
+            "SELECT concat_ws(' | ', rolcanlogin, rolcreatedb, rolcreaterole, rolconnlimit, \
+               coalesce(array_to_string(rolconfig, ','), '-'), \
+               coalesce((SELECT string_agg(g.rolname, ',' ORDER BY g.rolname) \
+                         FROM pg_auth_members m JOIN pg_roles g ON g.oid = m.roleid \
+                         WHERE m.member = r.oid), '-'), \
+               coalesce(shobj_description(r.oid, 'pg_authid'), '-')) \
+             FROM pg_roles r WHERE rolname = '{role}'"
+        ),
+    )
+}
+
+#[test]
+fn globals_leave_an_existing_role_unchanged() {
+    let bed = Bed::file();
+    let source = &bed.base.cluster;
+    source.psql(
+        "postgres",
+        &format!(
+            "CREATE ROLE dr_admins NOLOGIN;\n\
+             CREATE ROLE dr_newcomer LOGIN;\n\
+             ALTER ROLE {SEED_ROLE} LOGIN CREATEDB CREATEROLE CONNECTION LIMIT 7;\n\
+             ALTER ROLE {SEED_ROLE} SET work_mem = '7MB';\n\
+             GRANT dr_admins TO {SEED_ROLE};\n\
+             GRANT dr_admins TO dr_newcomer;\n\
+             COMMENT ON ROLE {SEED_ROLE} IS 'from the source';"
+        ),
+    );
+    bed.backup_ok();
+
+    // The target server already has the role, with other attributes and no memberships.
+    let other = PgCluster::start();
+    other.psql(
+        "postgres",
+        &format!(
+            "CREATE ROLE dr_admins NOLOGIN;\n\
+             CREATE ROLE {SEED_ROLE} NOLOGIN NOCREATEDB CONNECTION LIMIT 3;"
+        ),
+    );
+    let before = role_state(&other, SEED_ROLE);
+    let out = bed
+        .dr_without_password()
+        .env("PGPASSWORD", other.password())
+        .args(["restore", "--database", "app", "--staging-dir"])
+        .arg(bed.staging())
+        .args(["--target", &other.url("app"), "--create", "--globals"])
+        .args(["--jobs", "2", "--json"])
+        .run();
+    let done = summary(&out);
+    assert_eq!(
+        role_state(&other, SEED_ROLE),
+        before,
+        "--globals changed the existing role {SEED_ROLE} (login | createdb | createrole | \
+         connlimit | settings | member of | comment); summary: {done:#}"
+    );
+    assert!(
+        done["globals"]["skipped_existing"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|r| r == SEED_ROLE)),
+        "{done:#}"
+    );
+    // A role the restore creates still gets its membership of an existing role.
+    assert_eq!(
+        other.psql(
+            "postgres",
+            "SELECT count(*) FROM pg_auth_members m \
+             JOIN pg_roles g ON g.oid = m.roleid JOIN pg_roles u ON u.oid = m.member \
+             WHERE g.rolname = 'dr_admins' AND u.rolname = 'dr_newcomer'"
+        ),
+        "1",
+        "the new role dr_newcomer lost its membership in dr_admins; summary: {done:#}"
+    );
+}
+
+#[test]
+fn a_damaged_globals_object_fails_the_restore_without_leaving_a_database() {
+    let bed = Bed::file();
+    let id = bed.backup_ok();
+    let globals = bed.data_object(&id).with_file_name("globals.sql.zst.age");
+    let mut bytes = fs::read(&globals).expect("read globals object");
+    let at = bytes.len() - 20;
+    bytes[at] ^= 0x01;
+    fs::write(&globals, &bytes).expect("write damaged globals object");
+
+    for (db, jobs) in [("staged_globals", "2"), ("streamed_globals", "1")] {
+        let out = bed
+            .restore_into(db)
+            .args(["--create", "--globals", "--jobs", jobs])
+            .run();
+        out.assert_failure_mentions(&["globals"]);
+        assert!(
+            !db_exists(&bed.base.cluster, db),
+            "the restore with --jobs {jobs} left the database {db} it created behind:\n{}",
+            out.stderr
+        );
+        bed.assert_staging_empty("a failed globals step");
+    }
+}
+
+#[test]
+fn restore_refuses_a_password_in_the_target_url() {
+    let bed = Bed::file();
+    bed.backup_ok();
+    let password = bed.base.cluster.password().to_string();
+    let with_password = bed.base.cluster.url_with_password("from_argv");
+    // A password that breaks URL parsing is refused the same way, and not echoed either.
+    let unparseable = format!(
+        "postgres://postgres:{password}#x/y@127.0.0.1:{}/from_argv",
+        bed.base.cluster.port()
+    );
+    for url in [with_password, unparseable] {
+        let out = bed.restore().args(["--target", &url, "--create"]).run();
+        out.assert_failure_mentions(&["PGPASSWORD", "pgpass", "--target-password-file"]);
+        assert!(
+            !out.both().contains(&password),
+            "the refusal echoed the password:\n{}",
+            out.both()
+        );
+        assert!(!db_exists(&bed.base.cluster, "from_argv"));
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Staging files and signals
 
@@ -778,6 +904,78 @@ fn staging_file_is_removed_after_success_failure_and_sigint() {
         !db_exists(&bed.base.cluster, "interrupted"),
         "the database the interrupted restore created was left behind:\n{}",
         out.stderr
+    );
+}
+
+/// A `pg_restore` wrapper that, for a real restore, touches `marker` and then ignores SIGTERM
+/// and SIGINT for two minutes (as a pg_restore stuck in a long statement does).
+fn stubborn_pg_restore(marker: &Path) -> String {
+    format!(
+        r#"#!/bin/bash
+for arg in "$@"; do
+  case "$arg" in
+    -l|--list|-V|--version) exec '{real}' "$@" ;;
+  esac
+done
+trap '' TERM INT
+touch '{marker}'
+sleep 120 </dev/null >/dev/null 2>&1
+exec '{real}' "$@"
+"#,
+        real = pg_bindir().join("pg_restore").display(),
+        marker = marker.display(),
+    )
+}
+
+#[test]
+fn ctrl_c_during_a_staged_restore_cleans_up_quickly_and_says_so() {
+    let bed = Bed::file();
+    bed.backup_ok();
+    let marker = bed.dir().join("pg_restore-started");
+    let tools = tool_dir(bed.dir(), &[("pg_restore", stubborn_pg_restore(&marker))]);
+    let child = bed
+        .restore_into("interrupted")
+        .path_first(&tools)
+        .args(["--create", "--jobs", "2"])
+        .spawn();
+    let pid = child.id();
+    let started = Instant::now();
+    while !marker.exists() && started.elapsed() < Duration::from_secs(120) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(marker.exists(), "the wrapped pg_restore never started");
+    assert!(db_exists(&bed.base.cluster, "interrupted"));
+    // SAFETY: kill(2) on our own child, which has not been reaped yet.
+    unsafe {
+        libc::kill(pid as i32, libc::SIGINT);
+    }
+    let interrupted_at = Instant::now();
+    let out = wait_with_timeout(child, Duration::from_secs(60));
+    let took = interrupted_at.elapsed();
+    eprintln!("dr after SIGINT ({took:?}):\n{}", out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{}", out.stderr);
+    assert!(
+        took < Duration::from_secs(25),
+        "cleanup after Ctrl-C took {took:?}:\n{}",
+        out.stderr
+    );
+    assert!(
+        out.stderr.contains("dropping database interrupted"),
+        "dr did not say it was dropping the database it created:\n{}",
+        out.stderr
+    );
+    assert!(
+        !db_exists(&bed.base.cluster, "interrupted"),
+        "the database the interrupted restore created was left behind:\n{}",
+        out.stderr
+    );
+    bed.assert_staging_empty("SIGINT");
+    let wrapper = tools.join("pg_restore").display().to_string();
+    assert!(
+        !dr_tests::processes()
+            .iter()
+            .any(|(_, args)| args.iter().any(|a| a == &wrapper)),
+        "the stubborn pg_restore outlived dr"
     );
 }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use dr_core::config::Name;
 use dr_core::pipeline::Control;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 
 use crate::daemon::job::{self, Outcome};
 use crate::daemon::lock::{self, Acquired};
@@ -162,9 +162,9 @@ fn progress_bar(database: &str, control: &Control) -> ProgressBar {
             let rate = raw as f64 / started.elapsed().as_secs_f64().max(0.001);
             ticker.set_message(format!(
                 "{} dumped, {} stored, {}/s",
-                super::human_bytes(raw),
-                super::human_bytes(progress.stored()),
-                super::human_bytes(rate as u64)
+                HumanBytes(raw),
+                HumanBytes(progress.stored()),
+                HumanBytes(rate as u64)
             ));
             ticker.tick();
             tokio::time::sleep(Duration::from_millis(200)).await;

@@ -3,11 +3,12 @@
 use std::path::Path;
 use std::process::ExitCode;
 
-use dr_core::config::Config;
+use dr_core::config::{Config, DrillTarget};
 
 #[derive(clap::Subcommand)]
 pub enum Command {
-    /// Validate the config file and print each database's next scheduled runs.
+    /// Validate the config file and the secret files it names (readable, not world-readable),
+    /// and print each database's next scheduled runs. Exits 1 when anything needs fixing.
     Check {
         /// How many upcoming runs to show per schedule.
         #[arg(long, default_value_t = 3)]
@@ -19,15 +20,61 @@ impl Command {
     pub fn run(self, config_path: &Path) -> anyhow::Result<ExitCode> {
         let Command::Check { runs } = self;
         let config = super::load_config(config_path)?;
-        print_summary(&config, config_path, runs);
-        Ok(ExitCode::SUCCESS)
+        let problems = print_summary(&config, config_path, runs);
+        if problems.is_empty() {
+            println!("\n{}: OK", config_path.display());
+            return Ok(ExitCode::SUCCESS);
+        }
+        eprintln!(
+            "error: {}: {} problem(s) to fix before backups can run:",
+            config_path.display(),
+            problems.len()
+        );
+        for p in &problems {
+            eprintln!("  - {p}");
+        }
+        Ok(ExitCode::FAILURE)
     }
 }
 
-fn print_summary(config: &Config, path: &Path, runs: usize) {
+/// Checks the secret files `config` names the way backups, restores and drills will read
+/// them; returns what is wrong, each with its fix.
+fn secret_file_problems(config: &Config) -> Vec<String> {
+    let mut problems = Vec::new();
+    for db in &config.databases {
+        if let Some(path) = &db.password_file {
+            if let Err(e) = dr_core::pg::Connection::new(&db.url, Some(path)) {
+                problems.push(format!("database {}: password_file: {e}", db.name));
+            }
+        }
+        let Some(drill) = &db.drill else { continue };
+        if let Some(path) = &drill.password_file {
+            let checked = match &drill.target {
+                DrillTarget::Server(url) => dr_core::pg::Connection::new(url, Some(path))
+                    .map(|_| ())
+                    .map_err(|e| e.to_string()),
+                DrillTarget::Ephemeral => dr_core::keys::check_not_world_readable(path, "password")
+                    .map_err(|e| e.to_string()),
+            };
+            if let Err(e) = checked {
+                problems.push(format!("database {}: drill password_file: {e}", db.name));
+            }
+        }
+    }
+    if let Some(id) = &config.encryption.identity_file {
+        if let Err(e) = dr_core::keys::Identities::from_file(id) {
+            problems.push(format!("[encryption] identity_file: {e}"));
+        }
+    }
+    problems
+}
+
+/// Prints what the config will do; returns the problems found in the secret files it names.
+fn print_summary(config: &Config, path: &Path, runs: usize) -> Vec<String> {
     let tz = &config.agent.timezone;
     let now = jiff::Timestamp::now().to_zoned(tz.0.clone());
-    println!("{}: OK", path.display());
+    let problems = secret_file_problems(config);
+    println!("{}: parsed", path.display());
     println!("environment: {}", config.environment);
     println!("storage:     {}", config.storage.url);
     let recipients = config.recipients().map(|r| r.len()).unwrap_or(0);
@@ -37,9 +84,13 @@ fn print_summary(config: &Config, path: &Path, runs: usize) {
         println!("encryption:  age, {recipients} recipient(s)");
     }
     if let Some(id) = &config.encryption.identity_file {
-        let state = match dr_core::keys::Identities::from_file(id) {
-            Ok(_) => "readable".to_string(),
-            Err(e) => format!("PROBLEM: {e}"),
+        let bad = problems
+            .iter()
+            .any(|p| p.starts_with("[encryption] identity_file"));
+        let state = if bad {
+            "PROBLEM: see below"
+        } else {
+            "readable"
         };
         println!("identity:    {} ({state})", id.display());
     }
@@ -74,4 +125,5 @@ fn print_summary(config: &Config, path: &Path, runs: usize) {
             );
         }
     }
+    problems
 }

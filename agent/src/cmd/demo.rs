@@ -8,6 +8,7 @@ use anyhow::Context;
 use dr_core::config::Config;
 use dr_core::pg::{ConnUrl, Connection};
 use dr_drills::ephemeral::EphemeralCluster;
+use indicatif::HumanBytes;
 
 /// Try dr end to end: a throwaway PostgreSQL with sample data, a file:// repository and a
 /// fresh age key in a temporary directory; one backup, one restore drill, then `dr status`.
@@ -122,8 +123,8 @@ rto = "10m"
         eprintln!(
             "    backup {}: {} dumped, {} stored",
             manifest.id,
-            super::human_bytes(data.raw_bytes),
-            super::human_bytes(data.stored_bytes)
+            HumanBytes(data.raw_bytes),
+            HumanBytes(data.stored_bytes)
         );
 
         step("dr drill: restore into a second throwaway cluster, check, time it");

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use comfy_table::{presets::UTF8_BORDERS_ONLY, Cell, CellAlignment, Table};
 use dr_core::manifest::{Manifest, ObjectRole};
+use indicatif::HumanBytes;
 use serde::Serialize;
 
 /// List backups, oldest first. Reads only manifests: no private key is needed.
@@ -108,8 +109,8 @@ impl Args {
                 Cell::new(e.classes.join(",")),
                 Cell::new(m_time(e.started_at_ts, "%Y-%m-%d %H:%M:%S")),
                 Cell::new(m_time(e.finished_at_ts, "%H:%M:%S")),
-                Cell::new(super::human_bytes(e.raw_bytes)).set_alignment(CellAlignment::Right),
-                Cell::new(super::human_bytes(e.stored_bytes)).set_alignment(CellAlignment::Right),
+                Cell::new(HumanBytes(e.raw_bytes)).set_alignment(CellAlignment::Right),
+                Cell::new(HumanBytes(e.stored_bytes)).set_alignment(CellAlignment::Right),
                 Cell::new(format!("{}…", &e.sha256[..e.sha256.len().min(12)])),
                 Cell::new(e.server_version),
             ]);

@@ -12,7 +12,7 @@ use anyhow::Context;
 use dr_core::pg::{ConnUrl, Connection};
 use dr_restore::run::{Confirm, Destination, Phase, Request, Watch};
 use dr_restore::select::{parse_time, Selector};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 
 /// Restore a backup into a database, or write its pg_dump archive to a file.
 ///
@@ -48,8 +48,9 @@ pub struct Args {
     #[arg(long, group = "which", value_name = "TIME")]
     before: Option<String>,
 
-    /// Restore into this database: postgres://user@host:port/dbname (password via
-    /// PGPASSWORD, ~/.pgpass or --target-password-file; never on the command line).
+    /// Restore into this database: postgres://user@host:port/dbname. A URL holding a
+    /// password is refused: give it through PGPASSWORD, a passfile (~/.pgpass, PGPASSFILE)
+    /// or --target-password-file, never on the command line.
     #[arg(long, group = "dest", value_name = "URL")]
     target: Option<String>,
 
@@ -139,6 +140,15 @@ impl Args {
         };
         let destination = match (&self.target, &self.output) {
             (Some(url), _) => {
+                // Checked before parsing, and the URL is not echoed: the password is already
+                // in this process's argv and the shell's history, and must go no further.
+                if dr_core::redact::has_password(url) {
+                    anyhow::bail!(
+                        "--target carries a password, which puts it in the process list and your shell history; \
+                         remove it from the URL and give it through PGPASSWORD, a passfile (~/.pgpass, or PGPASSFILE) \
+                         or --target-password-file FILE"
+                    );
+                }
                 let url = ConnUrl::try_from(url.clone()).map_err(anyhow::Error::msg)?;
                 Destination::Database {
                     conn: Connection::new(&url, self.target_password_file.as_deref())?,
@@ -191,8 +201,8 @@ impl Args {
                     plan.database,
                     plan.backup_started_at,
                     plan.classes.join(","),
-                    super::human_bytes(plan.stored_bytes),
-                    super::human_bytes(plan.raw_bytes)
+                    HumanBytes(plan.stored_bytes),
+                    HumanBytes(plan.raw_bytes)
                 );
                 println!("identity: can decrypt it");
                 println!("{}: {}", plan.destination, plan.plan);

@@ -5,13 +5,19 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
+use indicatif::HumanBytes;
 
 /// Check backups: every object present with the manifest's size and sha256.
 ///
 /// Needs no private key. With --deep it also decrypts and decompresses every object (age and
 /// zstd check themselves) and has `pg_restore --list` read the archive; that needs the
-/// identity. Exits non-zero if any backup fails, naming the backup and the object.
+/// identity, and a pg_restore at least as new as the pg_dump that wrote the archive.
+///
+/// Exit status: 0 all good; 1 a backup failed verification (named, with the object); 3 no
+/// failure found, but the archive of some backup could not be listed on this host (it needs
+/// a newer pg_restore): not a verdict on the backup.
 #[derive(clap::Args)]
+#[command(verbatim_doc_comment)]
 pub struct Args {
     /// Only this database (default: all configured databases).
     #[arg(long, short)]
@@ -88,24 +94,25 @@ impl Args {
         }
         let checks = dr_restore::verify::verify(&repo, &chosen, identities).await;
         let failed = checks.iter().filter(|c| !c.ok).count() + listing.unreadable.len();
+        let incomplete = checks.iter().filter(|c| c.ok && !c.complete).count();
         if self.json {
             println!("{}", serde_json::to_string_pretty(&checks)?);
         } else {
             for c in &checks {
-                println!(
-                    "{}  {}  {}",
-                    if c.ok { "OK  " } else { "FAIL" },
-                    c.backup_id,
-                    c.database
-                );
+                let verdict = match (c.ok, c.complete) {
+                    (false, _) => "FAIL",
+                    (true, false) => "INCOMPLETE",
+                    (true, true) => "OK",
+                };
+                println!("{verdict:<4}  {}  {}", c.backup_id, c.database);
                 for o in &c.objects {
                     match &o.error {
                         None => println!(
                             "      {} ok ({}{}{})",
                             o.name,
-                            super::human_bytes(o.stored_bytes),
+                            HumanBytes(o.stored_bytes),
                             o.raw_bytes
-                                .map(|r| format!(", {} decoded", super::human_bytes(r)))
+                                .map(|r| format!(", {} decoded", HumanBytes(r)))
                                 .unwrap_or_default(),
                             o.toc_entries
                                 .map(|t| format!(", {t} archive entries"))
@@ -113,12 +120,21 @@ impl Args {
                         ),
                         Some(e) => println!("      {} FAILED: {e}", o.name),
                     }
+                    if let Some(why) = &o.cannot_deep_verify {
+                        println!("      {} cannot deep-verify: {why}", o.name);
+                    }
                 }
             }
         }
         if failed > 0 {
             eprintln!("error: {failed} backup(s) failed verification");
             return Ok(ExitCode::FAILURE);
+        }
+        if incomplete > 0 {
+            eprintln!(
+                "error: cannot deep-verify {incomplete} backup(s) on this host (see above); their stored bytes, encryption and compression checked out"
+            );
+            return Ok(ExitCode::from(3));
         }
         Ok(ExitCode::SUCCESS)
     }

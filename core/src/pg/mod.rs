@@ -111,15 +111,29 @@ impl fmt::Debug for ConnUrl {
 impl TryFrom<String> for ConnUrl {
     type Error = String;
     fn try_from(text: String) -> Result<Self, String> {
+        let reserved = "percent-encode `/`, `#`, `?` and `@` in the password (%2F, %23, %3F, %40) or move it to password_file";
         let bad = || {
             format!(
-                "invalid database url `{}`: expected postgres://user@host:port/dbname",
-                redact::redact_urls(&text)
+                "invalid database url `{}`: expected postgres://user@host:port/dbname{}",
+                redact::redact_urls(&text),
+                if redact::has_password(&text) {
+                    format!("; {reserved}")
+                } else {
+                    String::new()
+                }
             )
         };
         let mut url = url::Url::parse(&text).map_err(|_| bad())?;
         if !matches!(url.scheme(), "postgres" | "postgresql") {
             return Err(bad());
+        }
+        // An `@` after the parsed host means a `/`, `#` or `?` in the password cut it short,
+        // and part of it would be taken as the database name or port.
+        if url[url::Position::BeforeHost..].contains('@') {
+            return Err(format!(
+                "database url `{}` has an `@` after its host, so its password was cut short: {reserved}",
+                redact::redact_urls(&text)
+            ));
         }
         let mut password = url.password().map(percent_decode).map(SecretString::from);
         url.set_password(None).map_err(|_| bad())?;
@@ -428,6 +442,13 @@ mod tests {
             .err()
             .unwrap();
         assert!(e.contains("names no database"), "{e}");
+        for (text, secret) in [
+            ("postgres://app:pa#ss/w@db/app", "ss/w"),
+            ("postgres://app:7777/zebra@db/app", "zebra"),
+        ] {
+            let e = ConnUrl::try_from(text.to_string()).err().unwrap();
+            assert!(e.contains("percent-encode") && !e.contains(secret), "{e}");
+        }
     }
 
     #[test]

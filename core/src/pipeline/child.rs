@@ -185,9 +185,9 @@ impl KillHandle {
     pub fn kill(&self) {
         let reaping = self.reaping.lock().expect("reaping flag");
         if !*reaping {
-            // SAFETY: kill(2) on our unreaped child: the pid cannot have been reused.
-            unsafe {
-                libc::kill(self.pid as i32, libc::SIGKILL);
+            // Our child is not reaped yet, so the pid cannot have been reused.
+            if let Some(pid) = rustix::process::Pid::from_raw(self.pid as i32) {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
             }
         }
     }

@@ -46,13 +46,58 @@ impl FileStorage {
         }
     }
 
+    /// Creates the key's missing directories and makes each new entry durable: a synced
+    /// object is lost in a crash if the directory holding it was never synced into its parent.
     async fn create_parent(&self, key: &str, path: &Path) -> Result<(), StorageError> {
-        if let Some(parent) = path.parent() {
-            tokio::fs::create_dir_all(parent)
-                .await
-                .map_err(|e| self.failed("create directory for", key, parent, e))?;
+        let Some(parent) = path.parent().map(Path::to_path_buf) else {
+            return Ok(());
+        };
+        let dir = parent.clone();
+        tokio::task::spawn_blocking(move || {
+            for new in create_dirs(&dir)? {
+                if let Some(up) = new.parent() {
+                    sync_dir_blocking(up);
+                }
+            }
+            Ok(())
+        })
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|r| r)
+        .map_err(|e| self.failed("create directory for", key, &parent, e))
+    }
+}
+
+/// Creates `dir` and its missing ancestors, like `create_dir_all`, and returns the
+/// directories this call created, outermost first (one created concurrently is not ours).
+fn create_dirs(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut missing = Vec::new();
+    let mut cur = Some(dir);
+    while let Some(d) = cur {
+        match std::fs::metadata(d) {
+            Ok(_) => break,
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                missing.push(d);
+                cur = d.parent().filter(|p| !p.as_os_str().is_empty());
+            }
+            Err(e) => return Err(e),
         }
-        Ok(())
+    }
+    let mut created = Vec::new();
+    for d in missing.into_iter().rev() {
+        match std::fs::create_dir(d) {
+            Ok(()) => created.push(d.to_path_buf()),
+            Err(e) if e.kind() == ErrorKind::AlreadyExists && d.is_dir() => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(created)
+}
+
+/// Best effort, like [`sync_dir`]: some filesystems refuse to sync a directory.
+fn sync_dir_blocking(dir: &Path) {
+    if let Ok(f) = std::fs::File::open(dir) {
+        let _ = f.sync_all();
     }
 }
 
@@ -305,6 +350,32 @@ mod tests {
             .map(|o| o.key)
             .collect();
         assert_eq!(keys, vec!["env/db/backups/1/data"]);
+    }
+
+    #[test]
+    fn create_dirs_returns_only_the_directories_it_created() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::create_dir(root.join("env")).unwrap();
+        let created = create_dirs(&root.join("env/db/backups/1")).unwrap();
+        assert_eq!(
+            created,
+            vec![
+                root.join("env/db"),
+                root.join("env/db/backups"),
+                root.join("env/db/backups/1")
+            ]
+        );
+        assert!(root.join("env/db/backups/1").is_dir());
+        assert!(create_dirs(&root.join("env/db/backups/1"))
+            .unwrap()
+            .is_empty());
+        assert_eq!(
+            create_dirs(&root.join("env/db/backups/2")).unwrap(),
+            vec![root.join("env/db/backups/2")]
+        );
+        std::fs::write(root.join("file"), b"x").unwrap();
+        assert!(create_dirs(&root.join("file/sub")).is_err());
     }
 
     #[tokio::test]

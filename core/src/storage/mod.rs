@@ -138,6 +138,13 @@ pub enum StorageUrl {
 impl TryFrom<String> for StorageUrl {
     type Error = String;
     fn try_from(text: String) -> Result<Self, String> {
+        // Checked before any parsing, so no later message can quote the secret.
+        if crate::redact::has_password(&text) {
+            return Err(format!(
+                "storage url `{}` carries credentials; remove them: S3 credentials come from the AWS chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, profiles, web identity, instance metadata)",
+                crate::redact::redact_urls(&text)
+            ));
+        }
         if let Some(path) = text.strip_prefix("file://") {
             if !path.starts_with('/') {
                 return Err(format!(
@@ -223,5 +230,7 @@ mod tests {
         assert!(e.contains("unsupported"), "{e}");
         let e = StorageUrl::try_from("s3://B_ad".to_string()).unwrap_err();
         assert!(e.contains("bucket name"), "{e}");
+        let e = StorageUrl::try_from("s3://AKIA:wJal/rXy@bucket/p".to_string()).unwrap_err();
+        assert!(e.contains("credentials") && !e.contains("wJal"), "{e}");
     }
 }
