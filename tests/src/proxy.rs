@@ -506,39 +506,57 @@ fn poll_readable(a: &TcpStream, b: &TcpStream) -> Option<(bool, bool)> {
 mod tests {
     use super::*;
 
-    /// An upstream that answers every request with `200 OK` and the request body's length.
+    /// An upstream that answers every request with `200 OK`, serving connections one after
+    /// another until none arrives for a second; returns the request bodies it saw.
     fn echo_server() -> (u16, JoinHandle<Vec<Vec<u8>>>) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
         let port = listener.local_addr().unwrap().port();
         let handle = std::thread::spawn(move || {
             let mut bodies = Vec::new();
-            let (mut s, _) = listener.accept().unwrap();
-            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-            let mut buf = Vec::new();
-            let mut chunk = [0u8; 4096];
-            loop {
-                let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-                    match s.read(&mut chunk) {
-                        Ok(0) | Err(_) => return bodies,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
+            let mut idle = 0;
+            while idle < 50 {
+                let Ok((s, _)) = listener.accept() else {
+                    idle += 1;
+                    std::thread::sleep(Duration::from_millis(20));
                     continue;
                 };
-                let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-                let len: usize = head
-                    .lines()
-                    .find_map(|l| l.strip_prefix("content-length:"))
-                    .map_or(0, |v| v.trim().parse().unwrap());
-                while buf.len() < end + 4 + len {
-                    let n = s.read(&mut chunk).unwrap();
-                    buf.extend_from_slice(&chunk[..n]);
-                }
-                bodies.push(buf[end + 4..end + 4 + len].to_vec());
-                buf.drain(..end + 4 + len);
-                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+                idle = 0;
+                serve_echo(s, &mut bodies);
             }
+            bodies
         });
         (port, handle)
+    }
+
+    fn serve_echo(mut s: TcpStream, bodies: &mut Vec<Vec<u8>>) {
+        s.set_nonblocking(false).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                match s.read(&mut chunk) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+                continue;
+            };
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map_or(0, |v| v.trim().parse().unwrap());
+            while buf.len() < end + 4 + len {
+                match s.read(&mut chunk) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+            bodies.push(buf[end + 4..end + 4 + len].to_vec());
+            buf.drain(..end + 4 + len);
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+        }
     }
 
     fn request(body: &[u8]) -> Vec<u8> {

@@ -17,16 +17,20 @@ pub const MAX_PARTS: usize = 10_000;
 pub const MAX_PART_SIZE: usize = 5 * 1024 * 1024 * 1024;
 /// The part size at least doubles every this many parts.
 pub const DOUBLE_EVERY: usize = 1_000;
-/// The floor of the growth curve: 8 MiB doubled every 1,000 parts sums to 7.8 TiB over
-/// 10,000 parts, past S3's 5 TiB object limit whatever the configured part size.
+/// The growth curve: 8 MiB doubled every 1,000 parts from part 1,001 on. Parts 1,001 to
+/// 10,000 alone then hold 7.8 TiB, past S3's 5 TiB object limit whatever the configured
+/// part size.
 const GROWTH_BASE: usize = 8 * 1024 * 1024;
 
 /// The size of part `number` (1-based) of an upload whose configured part size is `base`:
-/// `base` for as long as the growth curve (8 MiB doubled every 1,000 parts) stays below it,
-/// then the curve, never more than 5 GiB. With the default 16 MiB, parts stay at 16 MiB up
-/// to 32 GiB stored, are 64 MiB around 100 GiB, 512 MiB around 1 TiB and 4 GiB at 5 TiB.
+/// `base` for the first 1,000 parts, then the larger of `base` and 8 MiB × 2^⌊(n−1)/1000⌋,
+/// never more than 5 GiB. With the default 16 MiB, parts stay at 16 MiB up to 32 GiB
+/// stored, are 64 MiB around 100 GiB, 512 MiB around 1 TiB and 4 GiB near 5 TiB.
 pub fn part_size(base: usize, number: usize) -> usize {
     let doublings = (number.max(1) - 1) / DOUBLE_EVERY;
+    if doublings == 0 {
+        return base.min(MAX_PART_SIZE);
+    }
     let curve = GROWTH_BASE
         .checked_shl(doublings as u32)
         .unwrap_or(MAX_PART_SIZE);
@@ -113,6 +117,7 @@ mod tests {
         const MIB: usize = 1024 * 1024;
         const TIB: u128 = 1024 * 1024 * 1024 * 1024;
         for base in [5 * MIB, 8 * MIB, 16 * MIB, 100 * MIB, 1024 * MIB, MAX_PART_SIZE] {
+            // S3's own minimum; smaller sizes are for tests of the writer only.
             let mut total: u128 = 0;
             let mut previous = 0;
             for number in 1..=MAX_PARTS {
@@ -136,22 +141,18 @@ mod tests {
 
     #[test]
     fn the_writer_follows_the_growing_schedule() {
-        // Past part 1,000 the 8 MiB curve overtakes a 5 MiB base; fake it with small sizes by
-        // checking the boundaries the writer asks for.
         let (tx, mut rx) = mpsc::channel(MAX_PARTS + 1);
-        let base = 5 * 1024 * 1024;
-        let mut w = PartWriter::new(tx, base);
-        let chunk = vec![0u8; 1024 * 1024];
+        let mut w = PartWriter::new(tx, 1024);
         let mut sizes = Vec::new();
         while sizes.len() < 1002 {
-            w.write_all(&chunk).unwrap();
+            w.write_all(&[0u8; 1024]).unwrap();
             while let Ok(p) = rx.try_recv() {
                 sizes.push(p.len());
             }
         }
-        assert_eq!(sizes[0], 8 * 1024 * 1024);
-        assert_eq!(sizes[999], 8 * 1024 * 1024);
+        assert!(sizes[..1000].iter().all(|&n| n == 1024));
         assert_eq!(sizes[1000], 16 * 1024 * 1024);
+        assert_eq!(sizes[1001], 16 * 1024 * 1024);
     }
 
     #[test]

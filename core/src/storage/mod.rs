@@ -47,7 +47,8 @@ pub trait Storage: Send + Sync + fmt::Debug {
     /// Where this is, for messages: `file:///var/lib/dr/repo` or `s3://bucket/prefix`.
     fn location(&self) -> String;
 
-    /// The size of the parts an upload is fed with.
+    /// The configured size of an upload's first parts; later parts grow
+    /// (`pipeline::parts::part_size`) so any object fits in S3's 10,000 parts.
     fn part_size(&self) -> usize;
 
     /// Writes a small object whole (manifests, reports). Readers never see it half-written.
