@@ -492,7 +492,9 @@ impl fmt::Display for Name {
 /// and a URL is printed in messages). The error never repeats the URL.
 fn check_endpoint(endpoint: &str) -> Result<(), String> {
     let url = url::Url::parse(endpoint).map_err(|e| {
-        format!("not a URL ({e}); write it like `https://s3.example.com` or `http://127.0.0.1:3900`")
+        format!(
+            "not a URL ({e}); write it like `https://s3.example.com` or `http://127.0.0.1:3900`"
+        )
     })?;
     if !url.username().is_empty() || url.password().is_some() {
         return Err(
@@ -501,7 +503,10 @@ fn check_endpoint(endpoint: &str) -> Result<(), String> {
         );
     }
     if !matches!(url.scheme(), "http" | "https") {
-        return Err(format!("the scheme must be http or https, not `{}`", url.scheme()));
+        return Err(format!(
+            "the scheme must be http or https, not `{}`",
+            url.scheme()
+        ));
     }
     Ok(())
 }

@@ -68,7 +68,7 @@ impl Shared {
     }
 
     /// Takes one unit of the current fault's budget if `wanted` matches it.
-    fn take(&self, wanted: impl Fn(&mut Fault) -> bool) -> bool {
+    fn take(&self, wanted: impl FnOnce(&mut Fault) -> bool) -> bool {
         let mut fault = self.fault.lock().unwrap_or_else(|e| e.into_inner());
         let taken = wanted(&mut fault);
         if taken {
@@ -94,7 +94,9 @@ impl FaultProxy {
     /// Starts forwarding to `127.0.0.1:upstream_port` with `fault` in effect.
     pub fn start(upstream_port: u16, fault: Fault) -> FaultProxy {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
-        listener.set_nonblocking(true).expect("nonblocking listener");
+        listener
+            .set_nonblocking(true)
+            .expect("nonblocking listener");
         let port = listener.local_addr().expect("proxy address").port();
         let shared = Arc::new(Shared {
             fault: Mutex::new(fault),
@@ -261,8 +263,7 @@ fn serve(client: TcpStream, upstream_port: u16, shared: &Shared) {
                     break;
                 }
             }
-            if let Some(cut) = reset_point(shared, Direction::ToUpstream, up_bytes, forward.len())
-            {
+            if let Some(cut) = reset_point(shared, Direction::ToUpstream, up_bytes, forward.len()) {
                 let _ = (&upstream).write_all(&forward[..cut]);
                 reset(&client);
                 reset(&upstream);
@@ -325,7 +326,6 @@ fn feed(request: &mut Request, mut data: &mut [u8], shared: &Shared, out: &mut V
             }
             Request::Head(head) => {
                 head.extend_from_slice(data);
-                data = &mut [];
                 if !looks_like_http(head) {
                     out.extend_from_slice(head);
                     *request = Request::Raw;
@@ -346,8 +346,7 @@ fn feed(request: &mut Request, mut data: &mut [u8], shared: &Shared, out: &mut V
                 let length: u64 = header("content-length")
                     .and_then(|v| v.parse().ok())
                     .unwrap_or(0);
-                let expects_continue =
-                    header("expect").is_some_and(|v| v.contains("100-continue"));
+                let expects_continue = header("expect").is_some_and(|v| v.contains("100-continue"));
                 let refuse = shared.take(|f| match f {
                     Fault::Unavailable { requests } if *requests > 0 => {
                         *requests -= 1;
@@ -425,7 +424,12 @@ fn feed(request: &mut Request, mut data: &mut [u8], shared: &Shared, out: &mut V
     Verdict::Forward
 }
 
-fn feed_owned(request: &mut Request, rest: &mut Vec<u8>, shared: &Shared, out: &mut Vec<u8>) -> Verdict {
+fn feed_owned(
+    request: &mut Request,
+    rest: &mut Vec<u8>,
+    shared: &Shared,
+    out: &mut Vec<u8>,
+) -> Verdict {
     feed(request, rest.as_mut_slice(), shared, out)
 }
 
@@ -498,7 +502,8 @@ fn poll_readable(a: &TcpStream, b: &TcpStream) -> Option<(bool, bool)> {
         let err = std::io::Error::last_os_error();
         return (err.kind() == ErrorKind::Interrupted).then_some((false, false));
     }
-    let ready = |fd: &libc::pollfd| fd.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0;
+    let ready =
+        |fd: &libc::pollfd| fd.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0;
     Some((ready(&fds[0]), ready(&fds[1])))
 }
 
@@ -643,8 +648,12 @@ mod tests {
         proxy.set(Fault::Stall);
         let mut s = TcpStream::connect(("127.0.0.1", proxy.port())).unwrap();
         s.write_all(&request(b"x")).unwrap();
-        s.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
         let err = s.read(&mut buf).unwrap_err();
-        assert!(matches!(err.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut), "{err:?}");
+        assert!(
+            matches!(err.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut),
+            "{err:?}"
+        );
     }
 }

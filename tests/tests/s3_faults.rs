@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use dr_tests::{
-    create_seeded, database_toml, encryption_toml, seed_incompressible, table_hashes,
-    write_config, BedBase, Direction, Dr, DrOutput, Fault, FaultProxy, Garage, Repo, Storage,
+    create_seeded, database_toml, encryption_toml, seed_incompressible, table_hashes, write_config,
+    BedBase, Direction, Dr, DrOutput, Fault, FaultProxy, Garage, Repo, Storage,
 };
 
 const ENV: &str = "test";
@@ -101,7 +101,11 @@ impl Bed {
     /// A failed backup left nothing: no manifest, no object, no open multipart upload.
     fn assert_nothing_committed(&self, out: &DrOutput) {
         eprintln!("dr's error output:\n{}", out.stderr);
-        assert!(!out.status.success(), "the backup succeeded:\n{}", out.stderr);
+        assert!(
+            !out.status.success(),
+            "the backup succeeded:\n{}",
+            out.stderr
+        );
         assert!(out.stdout_lines().is_empty(), "ids printed: {}", out.stdout);
         let repo = self.repo();
         assert!(
@@ -158,7 +162,11 @@ fn backup_that_keeps_getting_reset_aborts_cleanly() {
         times: 1000,
     });
     let out = bed.backup();
-    assert!(bed.proxy.injected() >= 5, "too few resets: {}", bed.proxy.injected());
+    assert!(
+        bed.proxy.injected() >= 5,
+        "too few resets: {}",
+        bed.proxy.injected()
+    );
     bed.assert_nothing_committed(&out);
     out.assert_failure_mentions(&["upload part"]);
 }
@@ -213,7 +221,11 @@ fn endpoint_freezing_mid_upload_fails_fast_and_commits_nothing() {
     out.assert_failure_mentions(&["stopped responding"]);
     assert!(took < Duration::from_secs(40), "took {took:?}");
     bed.proxy.set(Fault::None);
-    assert!(repo.committed_ids(ENV, "app").is_empty(), "{:?}", repo.keys());
+    assert!(
+        repo.committed_ids(ENV, "app").is_empty(),
+        "{:?}",
+        repo.keys()
+    );
 }
 
 #[test]
@@ -227,7 +239,10 @@ fn slow_but_moving_transfers_outlast_the_idle_timeout() {
     let started = Instant::now();
     let id = bed.backup().assert_one_backup_id();
     let took = started.elapsed();
-    assert!(took > Duration::from_secs(10), "the link was not slow: {took:?}");
+    assert!(
+        took > Duration::from_secs(10),
+        "the link was not slow: {took:?}"
+    );
     bed.dr()
         .args(["verify", "--database", "app"])
         .run()
@@ -259,7 +274,11 @@ fn verify_and_restore_resume_after_connection_resets() {
             times: 2,
         });
         bed.restore_into(db, jobs).assert_success();
-        assert_eq!(bed.proxy.injected(), before + 2, "restore did not meet the resets");
+        assert_eq!(
+            bed.proxy.injected(),
+            before + 2,
+            "restore did not meet the resets"
+        );
         bed.assert_same_as_source(db);
     }
     assert_eq!(bed.repo().committed_ids(ENV, "app"), vec![id]);

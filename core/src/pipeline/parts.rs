@@ -116,13 +116,23 @@ mod tests {
     fn part_sizes_reach_5_tib_within_10000_parts_and_never_exceed_5_gib() {
         const MIB: usize = 1024 * 1024;
         const TIB: u128 = 1024 * 1024 * 1024 * 1024;
-        for base in [5 * MIB, 8 * MIB, 16 * MIB, 100 * MIB, 1024 * MIB, MAX_PART_SIZE] {
+        for base in [
+            5 * MIB,
+            8 * MIB,
+            16 * MIB,
+            100 * MIB,
+            1024 * MIB,
+            MAX_PART_SIZE,
+        ] {
             // S3's own minimum; smaller sizes are for tests of the writer only.
             let mut total: u128 = 0;
             let mut previous = 0;
             for number in 1..=MAX_PARTS {
                 let size = part_size(base, number);
-                assert!(size <= MAX_PART_SIZE, "part {number} of base {base}: {size}");
+                assert!(
+                    size <= MAX_PART_SIZE,
+                    "part {number} of base {base}: {size}"
+                );
                 assert!(size >= 5 * MIB, "part {number} of base {base}: {size}");
                 assert!(size >= previous, "parts never shrink");
                 previous = size;

@@ -266,7 +266,8 @@ fn credentials_problem(e: &(dyn std::error::Error + 'static)) -> Option<String> 
     while let Some(err) = cur {
         if let Some(ce) = err.downcast_ref::<CredentialsError>() {
             return Some(match ce {
-                CredentialsError::CredentialsNotLoaded(_) | CredentialsError::ProviderTimedOut(_) => {
+                CredentialsError::CredentialsNotLoaded(_)
+                | CredentialsError::ProviderTimedOut(_) => {
                     format!("no AWS credentials found; looked in: {CREDENTIAL_SOURCES}")
                 }
                 other => format!(
@@ -774,7 +775,8 @@ impl Download {
                 match self.pump(b).await {
                     Ok(()) => match self.size {
                         Some(size) if self.offset < size => {
-                            cause = format!("the connection closed at byte {} of {size}", self.offset)
+                            cause =
+                                format!("the connection closed at byte {} of {size}", self.offset)
                         }
                         _ => return,
                     },
@@ -1151,7 +1153,11 @@ mod tests {
         let started = std::time::Instant::now();
         activity.stalled(idle).await;
         // Ten touches 100 ms apart keep it alive for a second, then 300 ms of silence.
-        assert!(started.elapsed() >= Duration::from_millis(1200), "{:?}", started.elapsed());
+        assert!(
+            started.elapsed() >= Duration::from_millis(1200),
+            "{:?}",
+            started.elapsed()
+        );
         toucher.await.unwrap();
     }
 }
