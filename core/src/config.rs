@@ -96,9 +96,18 @@ pub struct StorageConfig {
     /// Multipart part size in MiB; S3 requires at least 5.
     #[serde(default = "default_part_size_mib")]
     pub part_size_mib: usize,
-    /// Parts uploaded concurrently; memory is about `part_size × (max_in_flight + 2)`.
+    /// Parts uploaded concurrently; memory is about `part size × (max_in_flight + 3)`, the
+    /// part size growing with the object (see `pipeline::parts`).
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight: usize,
+    /// An S3 request that makes no progress (nothing sent, nothing received) for this many
+    /// seconds fails; a slow transfer that moves never does.
+    #[serde(default = "default_idle_timeout_secs")]
+    pub idle_timeout_secs: u64,
+}
+
+fn default_idle_timeout_secs() -> u64 {
+    60
 }
 
 fn default_part_size_mib() -> usize {
@@ -123,7 +132,7 @@ pub struct EncryptionConfig {
 pub struct CompressionConfig {
     #[serde(default = "default_level")]
     pub level: i32,
-    /// zstd worker threads; 0 means one per core.
+    /// zstd worker threads; 0 means one per core, at most 4 (memory grows with threads).
     #[serde(default)]
     pub threads: u32,
 }
@@ -406,6 +415,15 @@ impl Config {
                 self.storage.part_size_mib
             )));
         }
+        if !(1..=3600).contains(&self.storage.idle_timeout_secs) {
+            return Err(invalid(format!(
+                "[storage] idle_timeout_secs = {} is out of range (1 to 3600)",
+                self.storage.idle_timeout_secs
+            )));
+        }
+        if let Some(endpoint) = &self.storage.endpoint {
+            check_endpoint(endpoint).map_err(|m| invalid(format!("[storage] endpoint: {m}")))?;
+        }
         if !(1..=64).contains(&self.storage.max_in_flight) {
             return Err(invalid(format!(
                 "[storage] max_in_flight = {} is out of range (1 to 64)",
@@ -521,6 +539,29 @@ impl fmt::Display for Name {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
     }
+}
+
+/// An S3 endpoint must be an http(s) URL without credentials (they come from the AWS chain,
+/// and a URL is printed in messages). The error never repeats the URL.
+fn check_endpoint(endpoint: &str) -> Result<(), String> {
+    let url = url::Url::parse(endpoint).map_err(|e| {
+        format!(
+            "not a URL ({e}); write it like `https://s3.example.com` or `http://127.0.0.1:3900`"
+        )
+    })?;
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(
+            "credentials do not belong in the endpoint URL: remove `user:password@` and set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or a profile or role) instead"
+                .into(),
+        );
+    }
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(format!(
+            "the scheme must be http or https, not `{}`",
+            url.scheme()
+        ));
+    }
+    Ok(())
 }
 
 /// A calendar-aware duration such as `26h`, `30d` or `7y`.
@@ -749,6 +790,36 @@ rto = "1h"
             .replace("26h", "26q");
         let err = parse(&text).unwrap_err().to_string();
         assert!(!err.contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn storage_credentials_never_reach_an_error() {
+        let with_url = ISSUE_EXAMPLE.replace(
+            "s3://dr-backups/acme",
+            "s3://AKIAEXAMPLE:wJalrXUtnFEMI@dr-backups/acme",
+        );
+        assert_ne!(with_url, ISSUE_EXAMPLE, "the example names an s3:// url");
+        let err = parse(&with_url).unwrap_err().to_string();
+        assert!(!err.contains("wJalrXUtnFEMI"), "{err}");
+        assert!(err.contains("credentials do not belong"), "{err}");
+
+        let text = ISSUE_EXAMPLE.replace(
+            "http://127.0.0.1:3900",
+            "http://AKIAEXAMPLE:wJalrXUtnFEMI@127.0.0.1:3900",
+        );
+        assert_ne!(text, ISSUE_EXAMPLE, "the example names an endpoint");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("credentials do not belong"), "{err}");
+        assert!(!err.contains("wJalrXUtnFEMI"), "{err}");
+    }
+
+    #[test]
+    fn endpoint_with_credentials_is_refused_at_load() {
+        let e = check_endpoint("http://AKIAEXAMPLE:wJalrXUtnFEMI@127.0.0.1:3900").unwrap_err();
+        assert!(!e.contains("wJalrXUtnFEMI"), "{e}");
+        assert!(e.contains("credentials do not belong"), "{e}");
+        assert!(check_endpoint("http://127.0.0.1:3900").is_ok());
+        assert!(check_endpoint("https://s3.eu-west-1.amazonaws.com").is_ok());
     }
 
     #[test]

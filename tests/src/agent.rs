@@ -1,6 +1,6 @@
 //! Fixtures for `dr agent` tests: the running agent itself, a tiny HTTP client for its
-//! endpoints, a webhook receiver, a throttling TCP proxy that makes a database slow, and a
-//! session that holds a table lock so `pg_dump` hangs.
+//! endpoints, a webhook receiver, and a session that holds a table lock so `pg_dump` hangs
+//! (the throttling proxy is in `proxy.rs`).
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -367,113 +367,6 @@ fn answer(mut stream: TcpStream) -> Option<WebhookRequest> {
     Some(WebhookRequest { path, body })
 }
 
-/// A TCP proxy on 127.0.0.1 to `upstream_port` that passes upstream-to-client traffic at
-/// about `bytes_per_second` (client-to-upstream unthrottled): a slow network to the
-/// database, so a real `pg_dump` streams for a long time. Stops on drop, cutting every
-/// connection.
-pub struct ThrottledProxy {
-    port: u16,
-    stop: Arc<AtomicBool>,
-    streams: Arc<Mutex<Vec<TcpStream>>>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl ThrottledProxy {
-    pub fn start(upstream_port: u16, bytes_per_second: usize) -> ThrottledProxy {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
-        listener.set_nonblocking(true).expect("nonblocking");
-        let port = listener.local_addr().expect("local addr").port();
-        let stop = Arc::new(AtomicBool::new(false));
-        let streams: Arc<Mutex<Vec<TcpStream>>> = Arc::new(Mutex::new(Vec::new()));
-        let thread = {
-            let (stop, streams) = (stop.clone(), streams.clone());
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    let Ok((client, _)) = listener.accept() else {
-                        std::thread::sleep(Duration::from_millis(20));
-                        continue;
-                    };
-                    let _ = client.set_nonblocking(false);
-                    let Ok(upstream) = TcpStream::connect(("127.0.0.1", upstream_port)) else {
-                        continue;
-                    };
-                    let _ = client.set_nodelay(true);
-                    let _ = upstream.set_nodelay(true);
-                    let (Ok(c2), Ok(u2), Ok(c3), Ok(u3)) = (
-                        client.try_clone(),
-                        upstream.try_clone(),
-                        client.try_clone(),
-                        upstream.try_clone(),
-                    ) else {
-                        continue;
-                    };
-                    streams
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .extend([c3, u3]);
-                    std::thread::spawn(move || pump(client, upstream, None));
-                    let stop = stop.clone();
-                    std::thread::spawn(move || pump(u2, c2, Some((bytes_per_second, stop))));
-                }
-            })
-        };
-        ThrottledProxy {
-            port,
-            stop,
-            streams,
-            thread: Some(thread),
-        }
-    }
-
-    /// The port to connect to instead of the upstream's.
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-}
-
-impl Drop for ThrottledProxy {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        for stream in self
-            .streams
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-        {
-            let _ = stream.shutdown(Shutdown::Both);
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-/// Copies `from` to `to` until either side closes, at most `rate` bytes per second
-/// (in tenths of a second) if given; then shuts both down.
-fn pump(mut from: TcpStream, mut to: TcpStream, rate: Option<(usize, Arc<AtomicBool>)>) {
-    let chunk = rate.as_ref().map_or(64 * 1024, |(r, _)| (r / 10).max(1));
-    let mut buf = vec![0u8; chunk];
-    loop {
-        if rate
-            .as_ref()
-            .is_some_and(|(_, stop)| stop.load(Ordering::Relaxed))
-        {
-            break;
-        }
-        let n = match from.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
-        };
-        if to.write_all(&buf[..n]).is_err() {
-            break;
-        }
-        if rate.is_some() {
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-    let _ = from.shutdown(Shutdown::Both);
-    let _ = to.shutdown(Shutdown::Both);
-}
 
 /// A session holding `LOCK TABLE <table> IN ACCESS EXCLUSIVE MODE`, as a long migration
 /// would: `pg_dump` then blocks on that table. The session ends by itself after `max`;

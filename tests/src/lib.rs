@@ -12,21 +12,21 @@ mod dr;
 mod garage;
 mod pg;
 mod pgbin;
+mod proxy;
 mod repo;
 mod s3;
 mod seed;
 mod tools;
 mod util;
 
-pub use agent::{
-    http_get, metric_value, Agent, TableLock, ThrottledProxy, WebhookReceiver, WebhookRequest,
-};
+pub use agent::{http_get, metric_value, Agent, TableLock, WebhookReceiver, WebhookRequest};
 pub use base::BedBase;
 pub use config::{database_toml, encryption_toml, write_config, Storage};
 pub use dr::{dr_binary, wait_with_timeout, Dr, DrOutput};
 pub use garage::{garage_binary, Garage};
 pub use pg::{pg_bindir, PgCluster};
 pub use pgbin::postgresql_binaries;
+pub use proxy::{Direction, Fault, FaultProxy, ThrottledProxy};
 pub use repo::{BackupEntry, Repo};
 pub use s3::S3;
 pub use seed::{create_seeded, seed, seed_incompressible, table_hashes, SEED_BIG_ROWS, SEED_ROLE};

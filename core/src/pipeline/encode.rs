@@ -11,12 +11,25 @@ use crate::keys::Recipients;
 /// the per-job overhead and lost cross-job matches stay negligible.
 const ZSTD_JOB_SIZE: u32 = 2 * 1024 * 1024;
 
+/// The most zstd workers `threads = 0` picks: each worker holds about three jobs' worth of
+/// buffers, and past a few workers the pipeline is bound by pg_dump, age and the upload.
+pub const DEFAULT_MAX_THREADS: u32 = 4;
+
 /// Compression settings for the zstd stage.
 #[derive(Debug, Clone, Copy)]
 pub struct EncodeOptions {
     pub level: i32,
-    /// Worker threads; 0 means one per core.
+    /// Worker threads; 0 means one per core, at most [`DEFAULT_MAX_THREADS`].
     pub threads: u32,
+}
+
+/// The zstd workers used for `configured` threads on a host with `cores` cores: an explicit
+/// number as given, 0 as `min(cores, 4)`, so memory does not grow with the host's size.
+pub fn worker_threads(configured: u32, cores: usize) -> u32 {
+    match configured {
+        0 => (cores.max(1) as u32).min(DEFAULT_MAX_THREADS),
+        n => n,
+    }
 }
 
 /// zstd (with frame checksum, multithreaded) feeding age (STREAM, X25519 recipients).
@@ -33,10 +46,8 @@ impl<W: Write> Encoder<W> {
         let mut zstd = zstd::stream::write::Encoder::new(age, opts.level)?;
         // The library omits the frame checksum unless asked; `zstd -d` verifies it.
         zstd.include_checksum(true)?;
-        let threads = match opts.threads {
-            0 => std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
-            n => n,
-        };
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let threads = worker_threads(opts.threads, cores);
         if threads > 1 {
             zstd.multithread(threads)?;
             // Each worker buffers a job in and out; the default (4 × window, 8 MiB at level 3)
@@ -99,6 +110,16 @@ impl<W: Write> Write for HashWriter<W> {
 mod tests {
     use super::*;
     use std::io::Read;
+
+    #[test]
+    fn default_threads_are_capped_whatever_the_core_count() {
+        assert_eq!(worker_threads(0, 1), 1);
+        assert_eq!(worker_threads(0, 2), 2);
+        assert_eq!(worker_threads(0, 16), DEFAULT_MAX_THREADS);
+        assert_eq!(worker_threads(0, 64), DEFAULT_MAX_THREADS);
+        // An explicit setting is the operator's choice.
+        assert_eq!(worker_threads(12, 64), 12);
+    }
 
     #[test]
     fn encoded_bytes_are_age_then_zstd_and_hash_matches() {

@@ -1,22 +1,57 @@
-//! The hand-off from the synchronous encoding thread to the asynchronous uploader: fixed-size
-//! parts over a bounded channel, so memory is `part_size × (channel + in flight + 1)`.
+//! The hand-off from the synchronous encoding thread to the asynchronous uploader: parts over
+//! a bounded channel, so memory is `current part size × (max_in_flight + 3)` (the parts in
+//! flight, one waiting for a slot, one in the channel, one being filled).
+//!
+//! S3 allows at most 10,000 parts per upload and pg_dump's output size is unknown up front,
+//! so parts grow as the upload proceeds (see [`part_size`]): small objects keep small parts
+//! and little memory, and any object up to S3's 5 TiB maximum fits.
 
 use std::io::{self, Write};
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
+/// S3's limit on the number of parts in one multipart upload.
+pub const MAX_PARTS: usize = 10_000;
+/// S3's limit on the size of one part.
+pub const MAX_PART_SIZE: usize = 5 * 1024 * 1024 * 1024;
+/// The part size at least doubles every this many parts.
+pub const DOUBLE_EVERY: usize = 1_000;
+/// The growth curve: 8 MiB doubled every 1,000 parts from part 1,001 on. Parts 1,001 to
+/// 10,000 alone then hold 7.8 TiB, past S3's 5 TiB object limit whatever the configured
+/// part size.
+const GROWTH_BASE: usize = 8 * 1024 * 1024;
+
+/// The size of part `number` (1-based) of an upload whose configured part size is `base`:
+/// `base` for the first 1,000 parts, then the larger of `base` and 8 MiB × 2^⌊(n−1)/1000⌋,
+/// never more than 5 GiB. With the default 16 MiB, parts stay at 16 MiB up to 32 GiB
+/// stored, are 64 MiB around 100 GiB, 512 MiB around 1 TiB and 4 GiB near 5 TiB.
+pub fn part_size(base: usize, number: usize) -> usize {
+    let doublings = (number.max(1) - 1) / DOUBLE_EVERY;
+    if doublings == 0 {
+        return base.min(MAX_PART_SIZE);
+    }
+    let curve = GROWTH_BASE
+        .checked_shl(doublings as u32)
+        .unwrap_or(MAX_PART_SIZE);
+    base.max(curve).min(MAX_PART_SIZE)
+}
+
 pub struct PartWriter {
     buf: Vec<u8>,
+    base: usize,
     part_size: usize,
     tx: mpsc::Sender<Bytes>,
     sent: usize,
 }
 
 impl PartWriter {
-    pub fn new(tx: mpsc::Sender<Bytes>, part_size: usize) -> Self {
+    /// Parts start at `base` bytes and grow by [`part_size`].
+    pub fn new(tx: mpsc::Sender<Bytes>, base: usize) -> Self {
+        let part_size = part_size(base, 1);
         PartWriter {
             buf: Vec::with_capacity(part_size),
+            base,
             part_size,
             tx,
             sent: 0,
@@ -24,6 +59,7 @@ impl PartWriter {
     }
 
     fn send(&mut self) -> io::Result<()> {
+        self.part_size = part_size(self.base, self.sent + 2);
         let part = std::mem::replace(&mut self.buf, Vec::with_capacity(self.part_size));
         self.sent += 1;
         self.tx
@@ -74,6 +110,59 @@ mod tests {
             sizes.push(p.len());
         }
         assert_eq!(sizes, vec![10, 10, 5]);
+    }
+
+    #[test]
+    fn part_sizes_reach_5_tib_within_10000_parts_and_never_exceed_5_gib() {
+        const MIB: usize = 1024 * 1024;
+        const TIB: u128 = 1024 * 1024 * 1024 * 1024;
+        for base in [
+            5 * MIB,
+            8 * MIB,
+            16 * MIB,
+            100 * MIB,
+            1024 * MIB,
+            MAX_PART_SIZE,
+        ] {
+            // S3's own minimum; smaller sizes are for tests of the writer only.
+            let mut total: u128 = 0;
+            let mut previous = 0;
+            for number in 1..=MAX_PARTS {
+                let size = part_size(base, number);
+                assert!(
+                    size <= MAX_PART_SIZE,
+                    "part {number} of base {base}: {size}"
+                );
+                assert!(size >= 5 * MIB, "part {number} of base {base}: {size}");
+                assert!(size >= previous, "parts never shrink");
+                previous = size;
+                total += size as u128;
+            }
+            assert!(
+                total >= 5 * TIB,
+                "base {base}: 10,000 parts hold only {total} bytes"
+            );
+        }
+        // Small and medium objects keep the configured size (memory stays where it was).
+        assert_eq!(part_size(16 * MIB, 1), 16 * MIB);
+        assert_eq!(part_size(16 * MIB, 2000), 16 * MIB);
+        assert_eq!(part_size(16 * MIB, 2001), 32 * MIB);
+    }
+
+    #[test]
+    fn the_writer_follows_the_growing_schedule() {
+        let (tx, mut rx) = mpsc::channel(MAX_PARTS + 1);
+        let mut w = PartWriter::new(tx, 1024);
+        let mut sizes = Vec::new();
+        while sizes.len() < 1002 {
+            w.write_all(&[0u8; 1024]).unwrap();
+            while let Ok(p) = rx.try_recv() {
+                sizes.push(p.len());
+            }
+        }
+        assert!(sizes[..1000].iter().all(|&n| n == 1024));
+        assert_eq!(sizes[1000], 16 * 1024 * 1024);
+        assert_eq!(sizes[1001], 16 * 1024 * 1024);
     }
 
     #[test]

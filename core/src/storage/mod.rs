@@ -60,7 +60,8 @@ pub trait Storage: Send + Sync + fmt::Debug {
     /// Where this is, for messages: `file:///var/lib/dr/repo` or `s3://bucket/prefix`.
     fn location(&self) -> String;
 
-    /// The size of the parts an upload is fed with.
+    /// The configured size of an upload's first parts; later parts grow
+    /// (`pipeline::parts::part_size`) so any object fits in S3's 10,000 parts.
     fn part_size(&self) -> usize;
 
     /// Writes a small object whole (manifests, reports). Readers never see it half-written.
@@ -137,6 +138,7 @@ pub enum StorageUrl {
 
 impl TryFrom<String> for StorageUrl {
     type Error = String;
+    /// Errors never repeat a password: the URL is redacted before it is quoted.
     fn try_from(text: String) -> Result<Self, String> {
         // Checked before any parsing, so no later message can quote the secret.
         if crate::redact::has_password(&text) {
@@ -145,23 +147,30 @@ impl TryFrom<String> for StorageUrl {
                 crate::redact::redact_urls(&text)
             ));
         }
+        let shown = crate::redact::redact_urls(&text);
         if let Some(path) = text.strip_prefix("file://") {
             if !path.starts_with('/') {
                 return Err(format!(
-                    "storage url `{text}` must name an absolute path, like file:///var/lib/dr/repo"
+                    "storage url `{shown}` must name an absolute path, like file:///var/lib/dr/repo"
                 ));
             }
             return Ok(StorageUrl::File(PathBuf::from(path)));
         }
         if let Some(rest) = text.strip_prefix("s3://") {
             let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.contains('@') {
+                return Err(
+                    "storage url: credentials do not belong in an s3:// URL (`s3://key:secret@bucket`); remove them and set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or use a profile or role)"
+                        .to_string(),
+                );
+            }
             let valid_bucket = (3..=63).contains(&bucket.len())
                 && bucket
                     .chars()
                     .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.');
             if !valid_bucket {
                 return Err(format!(
-                    "storage url `{text}`: `{bucket}` is not a valid bucket name (3 to 63 lowercase letters, digits, `-`, `.`)"
+                    "storage url `{shown}`: `{bucket}` is not a valid bucket name (3 to 63 lowercase letters, digits, `-`, `.`)"
                 ));
             }
             return Ok(StorageUrl::S3 {
@@ -170,8 +179,7 @@ impl TryFrom<String> for StorageUrl {
             });
         }
         Err(format!(
-            "unsupported storage url `{}`: use file:///path or s3://bucket/prefix",
-            crate::redact::redact_urls(&text)
+            "unsupported storage url `{shown}`: use file:///path or s3://bucket/prefix"
         ))
     }
 }
@@ -200,6 +208,7 @@ pub async fn open(config: &StorageConfig) -> Result<Arc<dyn Storage>, StorageErr
                     path_style: config.path_style,
                     part_size: config.part_size_mib * 1024 * 1024,
                     max_in_flight: config.max_in_flight,
+                    idle_timeout: std::time::Duration::from_secs(config.idle_timeout_secs),
                 },
             )
             .await?,
@@ -232,5 +241,21 @@ mod tests {
         assert!(e.contains("bucket name"), "{e}");
         let e = StorageUrl::try_from("s3://AKIA:wJal/rXy@bucket/p".to_string()).unwrap_err();
         assert!(e.contains("credentials") && !e.contains("wJal"), "{e}");
+    }
+
+    #[test]
+    fn credentials_in_a_storage_url_are_refused_without_repeating_them() {
+        for url in [
+            "s3://AKIAEXAMPLE:wJalrXUtnFEMI@dr-backups/acme",
+            "s3://AKIAEXAMPLE:wJalrXUtnFEMI@dr-backups",
+            "file://AKIAEXAMPLE:wJalrXUtnFEMI@host/var/lib/dr",
+            "gs://AKIAEXAMPLE:wJalrXUtnFEMI@bucket/p",
+        ] {
+            let e = StorageUrl::try_from(url.to_string()).unwrap_err();
+            assert!(!e.contains("wJalrXUtnFEMI"), "{url}: {e}");
+        }
+        let e = StorageUrl::try_from("s3://AKIAEXAMPLE:wJalrXUtnFEMI@dr-backups/acme".to_string())
+            .unwrap_err();
+        assert!(e.contains("AWS_ACCESS_KEY_ID"), "{e}");
     }
 }
