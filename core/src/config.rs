@@ -699,8 +699,13 @@ rto = "1h"
         ))
         .unwrap_err()
         .to_string();
-        assert!(err.contains("applies only to target = \"ephemeral\""), "{err}");
-        let err = parse(&drill("  durability = \"none\"")).unwrap_err().to_string();
+        assert!(
+            err.contains("applies only to target = \"ephemeral\""),
+            "{err}"
+        );
+        let err = parse(&drill("  durability = \"none\""))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("durability") || err.contains("none"), "{err}");
     }
 

@@ -70,7 +70,10 @@ mod tests {
         );
         assert_eq!(
             dirs,
-            vec![PathBuf::from("/opt/pg17/bin"), PathBuf::from("/opt/pg16/bin")]
+            vec![
+                PathBuf::from("/opt/pg17/bin"),
+                PathBuf::from("/opt/pg16/bin")
+            ]
         );
     }
 

@@ -186,7 +186,11 @@ impl EphemeralCluster {
             ))
         })?;
         let root = rustix::process::geteuid().is_root();
-        let owner = if root { Some(cluster_user(run_as)?) } else { None };
+        let owner = if root {
+            Some(cluster_user(run_as)?)
+        } else {
+            None
+        };
         // As root, /tmp rather than $TMPDIR: the cluster's user must reach the directory.
         // A socket path has a small size limit, so a long $TMPDIR falls back to /tmp too.
         let tmp = std::env::temp_dir();
@@ -455,7 +459,10 @@ mod tests {
             pg16.clone(),
             pg16.clone(),
         ]);
-        let majors: Vec<(u32, &str)> = found.iter().map(|b| (b.major, b.version.as_str())).collect();
+        let majors: Vec<(u32, &str)> = found
+            .iter()
+            .map(|b| (b.major, b.version.as_str()))
+            .collect();
         assert_eq!(majors, vec![(15, "15.8"), (16, "16.4"), (17, "17.2")]);
         assert_eq!(pick_server(&found, 15).unwrap().dir, pg15);
         assert_eq!(pick_server(&found, 16).unwrap().dir, pg16);

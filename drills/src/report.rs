@@ -232,9 +232,9 @@ pub fn failure_summary(e: &DrillError) -> String {
         DrillError::Restore(R::Decode { source, .. }) => decode_summary(source).into(),
         DrillError::Restore(R::NoSpace {
             needed, available, ..
-        }) => format!(
-            "not enough staging space: {available} bytes free, the archive needs {needed}"
-        ),
+        }) => {
+            format!("not enough staging space: {available} bytes free, the archive needs {needed}")
+        }
         DrillError::Restore(R::Child(c)) => child_summary(c),
         DrillError::Restore(R::Cancelled) => "cancelled".into(),
         DrillError::Restore(_) => "the restore failed (see the log)".into(),
@@ -306,7 +306,10 @@ fn status_words(status: &str) -> String {
 /// The count in pg_restore's `errors ignored on restore: N`.
 fn errors_ignored(stderr: &str) -> Option<u64> {
     let (_, rest) = stderr.split_once("errors ignored on restore: ")?;
-    rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+    rest.split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
 }
 
 fn escape(s: &str) -> String {
@@ -344,7 +347,8 @@ mod tests {
 
     #[test]
     fn failures_are_summarised_without_their_text() {
-        let stderr = "pg_restore: error: COPY failed for table \"patient_records\": ERROR:  new row \
+        let stderr =
+            "pg_restore: error: COPY failed for table \"patient_records\": ERROR:  new row \
                       violates check constraint DETAIL:  Failing row contains (1, ZEBRA-4471). \
                       | pg_restore: warning: errors ignored on restore: 3";
         let e = DrillError::Restore(dr_restore::RestoreError::Child(ChildError::Failed {
@@ -352,7 +356,10 @@ mod tests {
             status: "exit code 1".into(),
             stderr: stderr.into(),
         }));
-        assert!(e.to_string().contains("patient_records"), "the test needs the leak");
+        assert!(
+            e.to_string().contains("patient_records"),
+            "the test needs the leak"
+        );
         assert_eq!(
             failure_summary(&e),
             "pg_restore failed (exit code 1; errors ignored on restore: 3)"
@@ -362,7 +369,10 @@ mod tests {
             status: "exit code 2: patient_records".into(),
             stderr: String::new(),
         }));
-        assert_eq!(failure_summary(&e), "a PostgreSQL tool failed (exit code 2)");
+        assert_eq!(
+            failure_summary(&e),
+            "a PostgreSQL tool failed (exit code 2)"
+        );
         let e = DrillError::Restore(dr_restore::RestoreError::Decode {
             backup: "b".into(),
             object: "data".into(),

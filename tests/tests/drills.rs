@@ -1309,7 +1309,9 @@ fn ephemeral_cluster_admits_no_other_user_and_inherits_no_secret() {
         }
     }
     if socket_dir.is_empty() {
-        problems.push(format!("the postmaster has no socket directory:\n{pid_file}"));
+        problems.push(format!(
+            "the postmaster has no socket directory:\n{pid_file}"
+        ));
     } else {
         let conninfo = format!(
             "host={socket_dir} port={port} user=postgres dbname=postgres connect_timeout=5"
@@ -1322,7 +1324,9 @@ fn ephemeral_cluster_admits_no_other_user_and_inherits_no_secret() {
         // is the directory's permissions, not a wrong address.
         let (ok, err) = psql_as(None, &conninfo);
         if !ok {
-            problems.push(format!("root cannot connect over the socket ({conninfo}): {err}"));
+            problems.push(format!(
+                "root cannot connect over the socket ({conninfo}): {err}"
+            ));
         }
         let mode = fs::metadata(&socket_dir)
             .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777)
@@ -1341,7 +1345,15 @@ fn ephemeral_cluster_admits_no_other_user_and_inherits_no_secret() {
         ] {
             let out = std::process::Command::new(dr_tests::pg_bindir().join("psql"))
                 .env_clear()
-                .args(["-X", "-w", "-A", "-t", "-c", &format!("show {setting}"), &conninfo])
+                .args([
+                    "-X",
+                    "-w",
+                    "-A",
+                    "-t",
+                    "-c",
+                    &format!("show {setting}"),
+                    &conninfo,
+                ])
                 .output()
                 .expect("run psql");
             let value = String::from_utf8_lossy(&out.stdout).trim().to_string();
@@ -1359,7 +1371,12 @@ fn ephemeral_cluster_admits_no_other_user_and_inherits_no_secret() {
         }
     }
     // Variables pg_ctl and postgres set themselves.
-    const SET_BY_POSTGRES: &[&str] = &["PGDATA", "PG_GRANDPARENT_PID", "PGLOCALEDIR", "PGSYSCONFDIR"];
+    const SET_BY_POSTGRES: &[&str] = &[
+        "PGDATA",
+        "PG_GRANDPARENT_PID",
+        "PGLOCALEDIR",
+        "PGSYSCONFDIR",
+    ];
     for line in environ.lines() {
         let name = line.split('=').next().unwrap_or("");
         if SET_BY_POSTGRES.contains(&name) {
@@ -1371,13 +1388,22 @@ fn ephemeral_cluster_admits_no_other_user_and_inherits_no_secret() {
     }
 
     let out = running.finish(Duration::from_secs(180));
-    assert!(problems.is_empty(), "{}\nlog:\n{}", problems.join("\n"), out.stderr);
+    assert!(
+        problems.is_empty(),
+        "{}\nlog:\n{}",
+        problems.join("\n"),
+        out.stderr
+    );
     out.assert_success();
     let report = one_report(&out);
     assert_eq!(report["passed"], true, "{report:#}");
     assert_eq!(report["rto_representative"], true, "{report:#}");
     for (_, value) in DR_SECRETS {
-        assert!(!out.both().contains(value), "a secret reached dr's output:\n{}", out.both());
+        assert!(
+            !out.both().contains(value),
+            "a secret reached dr's output:\n{}",
+            out.both()
+        );
     }
     before.assert_nothing_new("a drill probed by another user", &out.stderr);
 }
@@ -1461,7 +1487,11 @@ fn failed_restore_leaves_no_table_name_or_value_in_the_repository() {
             }
         }
     }
-    assert!(leaks.is_empty(), "content in the repository:\n{}", leaks.join("\n"));
+    assert!(
+        leaks.is_empty(),
+        "content in the repository:\n{}",
+        leaks.join("\n")
+    );
     for needle in [PATIENT_TABLE, PATIENT_VALUE] {
         assert!(
             !out.stdout.contains(needle),
