@@ -243,6 +243,19 @@ pub struct DrillConfig {
     pub run_as: String,
     /// A file holding the scratch server's password.
     pub password_file: Option<PathBuf>,
+    /// An ephemeral cluster's durability: `full` (PostgreSQL's defaults, so the RTO is what
+    /// an incident would see) or `off` (no fsync, full_page_writes or synchronous_commit:
+    /// faster, and the report says the RTO is not representative).
+    #[serde(default)]
+    pub durability: DrillDurability,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DrillDurability {
+    #[default]
+    Full,
+    Off,
 }
 
 fn default_drill_target() -> DrillTarget {
@@ -437,6 +450,16 @@ impl Config {
                     "database `{}` is configured twice; names must be unique",
                     db.name
                 )));
+            }
+            if let Some(drill) = &db.drill {
+                if drill.durability == DrillDurability::Off
+                    && matches!(drill.target, DrillTarget::Server(_))
+                {
+                    return Err(invalid(format!(
+                        "database `{}`: [databases.drill] durability = \"off\" applies only to target = \"ephemeral\"; a scratch server keeps its own settings",
+                        db.name
+                    )));
+                }
             }
             let mut classes = std::collections::BTreeSet::new();
             for s in &db.schedules {
@@ -773,6 +796,30 @@ rto = "1h"
             .unwrap_err()
             .to_string();
         assert!(err.contains("expected 5 fields"), "{err}");
+    }
+
+    #[test]
+    fn drill_durability_defaults_to_full_and_is_off_only_for_ephemeral() {
+        let drill = |lines: &str| format!("{ISSUE_EXAMPLE}\n  [databases.drill]\n{lines}\n");
+        let c = parse(&drill("  target = \"ephemeral\"")).unwrap();
+        let d = c.databases[0].drill.as_ref().unwrap();
+        assert_eq!(d.durability, DrillDurability::Full);
+        let c = parse(&drill("  target = \"ephemeral\"\n  durability = \"off\"")).unwrap();
+        let d = c.databases[0].drill.as_ref().unwrap();
+        assert_eq!(d.durability, DrillDurability::Off);
+        let err = parse(&drill(
+            "  target = \"postgres://drill@scratch/postgres\"\n  durability = \"off\"",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("applies only to target = \"ephemeral\""),
+            "{err}"
+        );
+        let err = parse(&drill("  durability = \"none\""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("durability") || err.contains("none"), "{err}");
     }
 
     #[test]

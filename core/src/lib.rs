@@ -16,6 +16,7 @@ pub mod config;
 pub mod keys;
 pub mod manifest;
 pub mod pg;
+pub mod pgbin;
 pub mod pipeline;
 pub mod redact;
 pub mod repo;

@@ -1,12 +1,18 @@
 //! Drill reports: one JSON object per drill at `<env>/<db>/drills/<drill-id>.json`.
 //!
-//! Reports name checks by number, never by their SQL, and give row-count mismatches as a
-//! count: the repository holds nothing that describes the database's content.
+//! Reports name checks by number, never by their SQL, give row-count mismatches as a count,
+//! and describe a failure by category, counts and exit codes ([`failure_summary`]), never by
+//! an error's text: the repository holds nothing that describes the database's content.
+//! Details go to the local log only.
 
 use bytes::Bytes;
+use dr_core::pipeline::child::ChildError;
+use dr_core::pipeline::decode::DecodeError;
 use dr_core::repo::Repository;
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
+
+use crate::DrillError;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct DrillReport {
@@ -25,9 +31,19 @@ pub struct DrillReport {
     pub rto_seconds: f64,
     pub rto_objective_seconds: Option<f64>,
     pub rto_breached: bool,
+    /// False when the scratch cluster ran without durability (`durability = "off"`): the
+    /// restore was faster than one into a real server would be.
+    #[serde(default = "representative")]
+    pub rto_representative: bool,
     pub stages: Stages,
     pub checks: Vec<Check>,
+    /// Why the drill failed, as [`failure_summary`] words it: a category, counts and exit
+    /// codes only.
     pub error: Option<String>,
+}
+
+fn representative() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -182,6 +198,120 @@ pub fn plot_svg(reports: &[DrillReport], title: &str) -> String {
     svg
 }
 
+/// What a report says about a failed drill: a category, with counts and exit codes where
+/// known, and never an error's text. That text can carry table names, row values or SQL
+/// (pg_restore's `COPY failed for table "…": … Failing row contains (…)`), which must not
+/// reach the repository (invariant 4); the full error goes to the local log only.
+pub fn failure_summary(e: &DrillError) -> String {
+    use dr_restore::RestoreError as R;
+    match e {
+        DrillError::Scratch(_) => "the scratch target could not be prepared (see the log)".into(),
+        DrillError::SameServer(_) => {
+            "refused: the drill target is the backed-up server itself (same system_identifier)"
+                .into()
+        }
+        DrillError::Exists(_) => {
+            "refused: the drill's database already exists on the scratch server".into()
+        }
+        DrillError::NotConfigured(_) => "the database has no [databases.drill] section".into(),
+        DrillError::Pg(_) | DrillError::Restore(R::Pg(_)) => {
+            "a connection to or query on PostgreSQL failed (see the log)".into()
+        }
+        DrillError::Storage(_) | DrillError::Restore(R::Storage(_)) => {
+            "reading the repository failed (see the log)".into()
+        }
+        DrillError::Restore(R::Select(dr_restore::select::SelectError::NoBackups { .. })) => {
+            "no backup to drill".into()
+        }
+        DrillError::Restore(R::NoIdentity | R::Keys(_)) => {
+            "no usable identity (private key) to decrypt the backup".into()
+        }
+        DrillError::Restore(R::Missing { .. } | R::NoObject { .. }) => {
+            "an object of the backup is missing from the repository".into()
+        }
+        DrillError::Restore(R::Decode { source, .. }) => decode_summary(source).into(),
+        DrillError::Restore(R::NoSpace {
+            needed, available, ..
+        }) => {
+            format!("not enough staging space: {available} bytes free, the archive needs {needed}")
+        }
+        DrillError::Restore(R::Child(c)) => child_summary(c),
+        DrillError::Restore(R::Cancelled) => "cancelled".into(),
+        DrillError::Restore(_) => "the restore failed (see the log)".into(),
+    }
+}
+
+fn decode_summary(e: &DecodeError) -> &'static str {
+    match e {
+        DecodeError::WrongKey { .. } => {
+            "the identity cannot decrypt the backup (it was encrypted to other recipients)"
+        }
+        DecodeError::BadHeader(_) | DecodeError::Corrupt { .. } => {
+            "the backup is corrupted or truncated: decrypting or decompressing it failed"
+        }
+        DecodeError::HashMismatch { .. } => {
+            "the backup is corrupted: its sha256 differs from the manifest's"
+        }
+        DecodeError::SizeMismatch { .. } => {
+            "the backup is corrupted or truncated: its size differs from the manifest's"
+        }
+        DecodeError::Fetch { .. } => "reading the backup from the repository failed",
+        DecodeError::Write(_) => "writing the staged archive failed",
+    }
+}
+
+/// `pg_restore failed (exit code 1; errors ignored on restore: 3)`: the tool, how it ended, and the
+/// number of errors it counted; none of its messages.
+fn child_summary(e: &ChildError) -> String {
+    const KNOWN: &[&str] = &["pg_restore", "pg_restore --list", "psql", "pg_dumpall"];
+    let tool = |p: &str| {
+        KNOWN
+            .iter()
+            .find(|k| **k == p)
+            .copied()
+            .unwrap_or("a PostgreSQL tool")
+    };
+    match e {
+        ChildError::Spawn { program, .. } => format!("{} could not be started", tool(program)),
+        ChildError::Failed {
+            program,
+            status,
+            stderr,
+        } => {
+            let mut s = format!("{} failed ({}", tool(program), status_words(status));
+            if let Some(n) = errors_ignored(stderr) {
+                s += &format!("; errors ignored on restore: {n}");
+            }
+            s + ")"
+        }
+    }
+}
+
+/// `exit code N` or `killed by signal N (NAME)`, re-made from its numbers.
+fn status_words(status: &str) -> String {
+    let number = |rest: &str| {
+        rest.split(|c: char| !c.is_ascii_digit())
+            .next()
+            .and_then(|n| n.parse::<i32>().ok())
+    };
+    if let Some(code) = status.strip_prefix("exit code ").and_then(number) {
+        format!("exit code {code}")
+    } else if let Some(sig) = status.strip_prefix("killed by signal ").and_then(number) {
+        format!("killed by signal {sig}")
+    } else {
+        "unknown status".into()
+    }
+}
+
+/// The count in pg_restore's `errors ignored on restore: N`.
+fn errors_ignored(stderr: &str) -> Option<u64> {
+    let (_, rest) = stderr.split_once("errors ignored on restore: ")?;
+    rest.split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
 fn escape(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
@@ -208,10 +338,61 @@ mod tests {
             rto_seconds: rto,
             rto_objective_seconds: Some(60.0),
             rto_breached: rto > 60.0,
+            rto_representative: true,
             stages: Stages::default(),
             checks: vec![],
             error: None,
         }
+    }
+
+    #[test]
+    fn failures_are_summarised_without_their_text() {
+        let stderr =
+            "pg_restore: error: COPY failed for table \"patient_records\": ERROR:  new row \
+                      violates check constraint DETAIL:  Failing row contains (1, ZEBRA-4471). \
+                      | pg_restore: warning: errors ignored on restore: 3";
+        let e = DrillError::Restore(dr_restore::RestoreError::Child(ChildError::Failed {
+            program: "pg_restore".into(),
+            status: "exit code 1".into(),
+            stderr: stderr.into(),
+        }));
+        assert!(
+            e.to_string().contains("patient_records"),
+            "the test needs the leak"
+        );
+        assert_eq!(
+            failure_summary(&e),
+            "pg_restore failed (exit code 1; errors ignored on restore: 3)"
+        );
+        let e = DrillError::Restore(dr_restore::RestoreError::Child(ChildError::Failed {
+            program: "patient_records".into(),
+            status: "exit code 2: patient_records".into(),
+            stderr: String::new(),
+        }));
+        assert_eq!(
+            failure_summary(&e),
+            "a PostgreSQL tool failed (exit code 2)"
+        );
+        let e = DrillError::Restore(dr_restore::RestoreError::Decode {
+            backup: "b".into(),
+            object: "data".into(),
+            source: DecodeError::Corrupt {
+                what: "age",
+                offset: 7,
+                detail: "x".into(),
+            },
+        });
+        assert!(failure_summary(&e).contains("corrupt"));
+        let e = DrillError::Scratch("initdb failed: patient_records".into());
+        assert!(!failure_summary(&e).contains("patient_records"));
+    }
+
+    #[test]
+    fn reports_without_the_representative_flag_read_as_representative() {
+        let mut json = serde_json::to_value(report(1.0, true)).unwrap();
+        json.as_object_mut().unwrap().remove("rto_representative");
+        let r: DrillReport = serde_json::from_value(json).unwrap();
+        assert!(r.rto_representative);
     }
 
     #[test]

@@ -1073,3 +1073,449 @@ fn ctrl_c_during_a_drill_stops_it_and_leaves_nothing_behind() {
     before.assert_nothing_new("an interrupted drill", &log);
     bed.assert_private_tmp_empty("an interrupted drill");
 }
+
+// ---------------------------------------------------------------------------------------
+// The ephemeral cluster's isolation, durability and what its reports may say
+
+/// Secrets put in `dr`'s environment: no throwaway server may inherit one.
+const DR_SECRETS: &[(&str, &str)] = &[
+    ("AWS_SECRET_ACCESS_KEY", "drill-secret-aws-5f1c0e"),
+    ("PGPASSWORD", "drill-secret-pg-77a2d4"),
+    ("DR_SOMETHING", "drill-secret-dr-91be3a"),
+];
+
+fn running_as_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// A `dr` whose stderr is read into a shared string while it runs.
+struct Running {
+    child: std::process::Child,
+    log: std::sync::Arc<Mutex<String>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Running {
+    fn start(dr: Dr) -> Running {
+        let mut child = dr.spawn();
+        let log = std::sync::Arc::new(Mutex::new(String::new()));
+        let mut stderr = child.stderr.take().expect("stderr");
+        let sink = log.clone();
+        let reader = std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stderr.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        Running {
+            child,
+            log,
+            reader: Some(reader),
+        }
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The postmaster (pid, data directory) of the ephemeral cluster this `dr` started.
+    fn wait_for_postmaster(&self, limit: Duration) -> Option<(u32, PathBuf)> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            let named = drill_dirs_in_log(&self.log());
+            for (pid, data) in scratch_postmasters() {
+                if named.iter().any(|d| Path::new(&data).starts_with(d)) {
+                    return Some((pid, PathBuf::from(data)));
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    /// Waits for `dr` to exit (killing it after `limit`) and returns its output.
+    fn finish(mut self, limit: Duration) -> DrOutput {
+        let started = Instant::now();
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("wait for dr") {
+                break status;
+            }
+            if started.elapsed() > limit {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                let log = self.log();
+                reap_leftovers(&log);
+                panic!("dr did not finish within {limit:?}:\n{log}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+        let mut stdout = String::new();
+        if let Some(mut s) = self.child.stdout.take() {
+            let _ = s.read_to_string(&mut stdout);
+        }
+        DrOutput {
+            status,
+            stdout,
+            stderr: self.log(),
+        }
+    }
+}
+
+impl Drop for Running {
+    /// A test that panics mid-drill kills its `dr` and what it left.
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            reap_leftovers(&self.log());
+        }
+    }
+}
+
+/// Inodes of the TCP sockets in LISTEN state that process `pid` holds.
+fn tcp_listeners_of(pid: u32) -> Vec<String> {
+    let mut inodes = BTreeSet::new();
+    if let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) {
+        for fd in fds.flatten() {
+            if let Ok(link) = fs::read_link(fd.path()) {
+                let link = link.to_string_lossy().into_owned();
+                if let Some(inode) = link
+                    .strip_prefix("socket:[")
+                    .and_then(|s| s.strip_suffix(']'))
+                {
+                    inodes.insert(inode.to_string());
+                }
+            }
+        }
+    }
+    let mut found = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = fs::read_to_string(table).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            // local_address, state 0A = LISTEN, inode is the tenth column.
+            if cols.len() > 9 && cols[3] == "0A" && inodes.contains(cols[9]) {
+                found.push(format!("{table} {}", cols[1]));
+            }
+        }
+    }
+    found
+}
+
+/// `psql -c 'select 1'` with a conninfo string, as `user` (via runuser) or as ourselves,
+/// with a clean environment. Returns whether it connected, and its stderr.
+fn psql_as(user: Option<&str>, conninfo: &str) -> (bool, String) {
+    let psql = dr_tests::pg_bindir().join("psql");
+    let mut cmd = match user {
+        Some(u) => {
+            let mut c = std::process::Command::new("/usr/sbin/runuser");
+            c.args(["-u", u, "--"]).arg(&psql);
+            c
+        }
+        None => std::process::Command::new(&psql),
+    };
+    cmd.env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .current_dir("/")
+        .args(["-X", "-w", "-A", "-t", "-c", "select 1", conninfo]);
+    let out = cmd.output().expect("run psql");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The environment of process `pid` and of its children, as text.
+fn environ_of_tree(pid: u32) -> String {
+    let mut text = fs::read(format!("/proc/{pid}/environ"))
+        .map(|b| String::from_utf8_lossy(&b).replace('\0', "\n"))
+        .unwrap_or_default();
+    if let Ok(entries) = fs::read_dir("/proc") {
+        for e in entries.flatten() {
+            let Ok(child) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let stat = fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
+            // pid (comm) state ppid ...: comm may hold spaces, so split after the last ')'.
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<u32>().ok());
+            if ppid == Some(pid) {
+                if let Ok(b) = fs::read(format!("/proc/{child}/environ")) {
+                    text.push_str(&String::from_utf8_lossy(&b).replace('\0', "\n"));
+                }
+            }
+        }
+    }
+    text
+}
+
+#[test]
+fn ephemeral_cluster_admits_no_other_user_and_inherits_no_secret() {
+    if !running_as_root() {
+        eprintln!(
+            "skipped: acting as another OS user (runuser -u nobody) and reading a server's \
+             /proc/PID/environ need root"
+        );
+        return;
+    }
+    let bed = Bed::new();
+    // The last check keeps the cluster up long enough to probe it.
+    let config = bed.config(
+        "cfg",
+        &Spec::ephemeral().checks(&[GOOD_CHECK, "select true from pg_sleep(15)"]),
+    );
+    bed.backup(&config);
+
+    let _guard = scratch_lock();
+    let before = Leftovers::snapshot();
+    let mut dr = bed.dr(&config).args(["drill", "--database", DB, "--json"]);
+    for (k, v) in DR_SECRETS {
+        dr = dr.env(k, v);
+    }
+    let running = Running::start(dr);
+    let Some((pid, data)) = running.wait_for_postmaster(Duration::from_secs(60)) else {
+        let out = running.finish(Duration::from_secs(120));
+        panic!("the drill never started its cluster:\n{}", out.stderr);
+    };
+    let pid_file = fs::read_to_string(data.join("postmaster.pid")).unwrap_or_default();
+    let lines: Vec<&str> = pid_file.lines().collect();
+    let port = lines.get(3).copied().unwrap_or("5432").trim().to_string();
+    let socket_dir = lines.get(4).copied().unwrap_or("").trim().to_string();
+
+    let mut problems = Vec::new();
+    let listeners = tcp_listeners_of(pid);
+    if !listeners.is_empty() {
+        problems.push(format!(
+            "the ephemeral postmaster listens on TCP: {listeners:?}"
+        ));
+    }
+    for host in ["127.0.0.1", "::1", "localhost"] {
+        let conninfo =
+            format!("host={host} port={port} user=postgres dbname=postgres connect_timeout=5");
+        let (ok, _) = psql_as(Some("nobody"), &conninfo);
+        if ok {
+            problems.push(format!("user nobody connected over TCP: {conninfo}"));
+        }
+    }
+    if socket_dir.is_empty() {
+        problems.push(format!(
+            "the postmaster has no socket directory:\n{pid_file}"
+        ));
+    } else {
+        let conninfo = format!(
+            "host={socket_dir} port={port} user=postgres dbname=postgres connect_timeout=5"
+        );
+        let (ok, _) = psql_as(Some("nobody"), &conninfo);
+        if ok {
+            problems.push(format!("user nobody connected over the socket: {conninfo}"));
+        }
+        // The control: dr's own user (root) does reach the socket, so nobody's failure
+        // is the directory's permissions, not a wrong address.
+        let (ok, err) = psql_as(None, &conninfo);
+        if !ok {
+            problems.push(format!(
+                "root cannot connect over the socket ({conninfo}): {err}"
+            ));
+        }
+        let mode = fs::metadata(&socket_dir)
+            .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777)
+            .unwrap_or(0);
+        if mode & 0o077 != 0 {
+            problems.push(format!(
+                "the socket directory {socket_dir} has mode {mode:o}: others may enter it"
+            ));
+        }
+        for (setting, expected) in [
+            ("jit", "off"),
+            ("fsync", "on"),
+            ("full_page_writes", "on"),
+            ("synchronous_commit", "on"),
+            ("listen_addresses", ""),
+        ] {
+            let out = std::process::Command::new(dr_tests::pg_bindir().join("psql"))
+                .env_clear()
+                .args([
+                    "-X",
+                    "-w",
+                    "-A",
+                    "-t",
+                    "-c",
+                    &format!("show {setting}"),
+                    &conninfo,
+                ])
+                .output()
+                .expect("run psql");
+            let value = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            if value != expected {
+                problems.push(format!("{setting} = {value:?}, expected {expected:?}"));
+            }
+        }
+    }
+    let environ = environ_of_tree(pid);
+    for (name, value) in DR_SECRETS {
+        if environ.contains(name) || environ.contains(value) {
+            problems.push(format!(
+                "the ephemeral server's environment holds {name} from dr's environment"
+            ));
+        }
+    }
+    // Variables pg_ctl and postgres set themselves.
+    const SET_BY_POSTGRES: &[&str] = &[
+        "PGDATA",
+        "PG_GRANDPARENT_PID",
+        "PGLOCALEDIR",
+        "PGSYSCONFDIR",
+    ];
+    for line in environ.lines() {
+        let name = line.split('=').next().unwrap_or("");
+        if SET_BY_POSTGRES.contains(&name) {
+            continue;
+        }
+        if line.starts_with("PG") || line.starts_with("AWS") || line.starts_with("DR_") {
+            problems.push(format!("the ephemeral server's environment holds {line:?}"));
+        }
+    }
+
+    let out = running.finish(Duration::from_secs(180));
+    assert!(
+        problems.is_empty(),
+        "{}\nlog:\n{}",
+        problems.join("\n"),
+        out.stderr
+    );
+    out.assert_success();
+    let report = one_report(&out);
+    assert_eq!(report["passed"], true, "{report:#}");
+    assert_eq!(report["rto_representative"], true, "{report:#}");
+    for (_, value) in DR_SECRETS {
+        assert!(
+            !out.both().contains(value),
+            "a secret reached dr's output:\n{}",
+            out.both()
+        );
+    }
+    before.assert_nothing_new("a drill probed by another user", &out.stderr);
+}
+
+#[test]
+fn fast_ephemeral_drill_says_its_rto_is_not_representative() {
+    let bed = Bed::new();
+    let config = bed.config("cfg", &Spec::ephemeral().drill_line("durability = \"off\""));
+    bed.backup(&config);
+
+    let _guard = scratch_lock();
+    let before = Leftovers::snapshot();
+    let (out, report) = bed.drill(&config);
+    out.assert_success();
+    assert_eq!(report["passed"], true, "{report:#}");
+    assert_eq!(report["rto_representative"], false, "{report:#}");
+    let stored = bed.stored_report(report["id"].as_str().expect("id"));
+    let stored: Value = serde_json::from_str(&stored).expect("JSON report");
+    assert_eq!(stored["rto_representative"], false, "{stored:#}");
+
+    let text = bed.dr(&config).args(["drill", "--database", DB]).run();
+    text.assert_success();
+    assert!(
+        text.stdout.contains("RTO not representative"),
+        "dr drill does not say the RTO of a drill without durability is not representative:\n{}",
+        text.stdout
+    );
+    before.assert_nothing_new("a fast drill", &format!("{}{}", out.stderr, text.stderr));
+}
+
+/// The table and a value in it that a failing restore's error text names.
+const PATIENT_TABLE: &str = "patient_records";
+const PATIENT_VALUE: &str = "ZEBRA-4471-okapi";
+
+#[test]
+fn failed_restore_leaves_no_table_name_or_value_in_the_repository() {
+    let bed = Bed::new();
+    // The check's function is made strict after the row went in: the dump holds the row
+    // and the strict function, so the restore's COPY fails naming the table and the row.
+    bed.cluster.psql(
+        DB,
+        &format!(
+            "create function pr_ok(t text) returns boolean language sql immutable as 'select true';
+             create table {PATIENT_TABLE} (id int primary key, note text check (pr_ok(note)));
+             insert into {PATIENT_TABLE} values (1, '{PATIENT_VALUE}');
+             create or replace function pr_ok(t text) returns boolean language sql immutable
+               as $$select t <> '{PATIENT_VALUE}'$$;"
+        ),
+    );
+    let config = bed.config("cfg", &Spec::ephemeral());
+    bed.backup(&config);
+
+    let _guard = scratch_lock();
+    let before = Leftovers::snapshot();
+    let (out, report) = bed.drill(&config);
+    assert!(
+        !out.status.success(),
+        "a drill whose restore failed exited 0:\n{}",
+        out.both()
+    );
+    assert_eq!(report["passed"], false, "{report:#}");
+    // The local log has the details, so the failure really names the table...
+    assert!(
+        out.stderr.contains(PATIENT_TABLE),
+        "the restore did not fail on {PATIENT_TABLE} (the test proves nothing):\n{}",
+        out.stderr
+    );
+    // ...and the report a category with the exit code.
+    let error = report["error"].as_str().unwrap_or("");
+    assert!(
+        error.contains("pg_restore") && error.contains("exit"),
+        "the report does not say pg_restore failed and how: {report:#}"
+    );
+    let mut leaks = Vec::new();
+    for path in files_under(&bed.repo_root()) {
+        let bytes = fs::read(&path).unwrap_or_default();
+        let text = String::from_utf8_lossy(&bytes);
+        for needle in [PATIENT_TABLE, PATIENT_VALUE, "pr_ok"] {
+            if text.contains(needle) {
+                leaks.push(format!("{} holds {needle:?}", path.display()));
+            }
+        }
+    }
+    assert!(
+        leaks.is_empty(),
+        "content in the repository:\n{}",
+        leaks.join("\n")
+    );
+    for needle in [PATIENT_TABLE, PATIENT_VALUE] {
+        assert!(
+            !out.stdout.contains(needle),
+            "dr drill --json printed {needle:?} (the report is what gets stored):\n{}",
+            out.stdout
+        );
+    }
+    before.assert_nothing_new("a drill whose restore failed", &out.stderr);
+    bed.assert_private_tmp_empty("a drill whose restore failed");
+}
+
+/// Every regular file below `dir`.
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                files.push(p);
+            }
+        }
+    }
+    files
+}

@@ -10,8 +10,13 @@ use dr_drills::report::DrillReport;
 /// Run a restore drill now: restore the newest backup (or a random recent one) into a
 /// scratch target, check it, measure the RTO and store a report in the repository.
 ///
-/// The target is `[databases.drill] target`: "ephemeral" (a throwaway local cluster) or a
-/// scratch server, where the drill creates `dr_drill_<database>_<id>` and drops it again.
+/// The target is `[databases.drill] target`: "ephemeral" (a throwaway local cluster reachable
+/// only through a Unix socket in a private directory, started with a cleared environment and
+/// default durability unless `durability = "off"`, whose RTO is then flagged as not
+/// representative; server binaries from DR_PG_BINDIR, else PATH and
+/// /usr/lib/postgresql/*/bin) or a scratch server, where the drill creates
+/// `dr_drill_<database>_<id>` and drops it again. A failure is stored in the report as a
+/// category with exit codes and counts; details go to the log only.
 /// Checks: pg_restore reported no errors, every table's row count equals the count recorded
 /// in the backup's snapshot, and each configured check returns true. Exits non-zero when the
 /// drill fails or its RTO exceeds the database's `rto`.
@@ -123,6 +128,11 @@ pub fn print_report(r: &DrillReport) {
         r.rto_seconds,
         r.backup_id.as_deref().unwrap_or("-")
     );
+    if !r.rto_representative {
+        println!(
+            "  note: RTO not representative: the ephemeral cluster ran with durability = \"off\" (no fsync, full_page_writes or synchronous_commit); a restore into a real server takes longer"
+        );
+    }
     let s = &r.stages;
     println!(
         "  stages: prepare {:.1} s, fetch {:.1} s, decrypt+decompress {:.1} s, restore {:.1} s, checks {:.1} s",

@@ -28,7 +28,7 @@ use crate::redact;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PgError {
-    #[error("no PostgreSQL client tools found (looked for pg_dump on PATH and in /usr/lib/postgresql/*/bin); install postgresql-client-{needed}")]
+    #[error("no PostgreSQL client tools found (looked for pg_dump in DR_PG_BINDIR if set, else on PATH and in /usr/lib/postgresql/*/bin); install postgresql-client-{needed} or set DR_PG_BINDIR to a PostgreSQL bin directory")]
     NoTools { needed: u32 },
     #[error("the server runs PostgreSQL {server_major}, but the newest pg_dump on this host is {newest} ({dir}); pg_dump must be at least as new as the server: install postgresql-client-{server_major}")]
     ToolsTooOld {
@@ -136,7 +136,10 @@ impl TryFrom<String> for ConnUrl {
             ));
         }
         let mut password = url.password().map(percent_decode).map(SecretString::from);
-        url.set_password(None).map_err(|_| bad())?;
+        // A socket URL (`postgres:///db?host=/dir`) has no host to carry a password.
+        if url.password().is_some() {
+            url.set_password(None).map_err(|_| bad())?;
+        }
         // A `password=` query parameter is as secret as the userinfo one.
         let pairs: Vec<(String, String)> = url.query_pairs().into_owned().collect();
         if pairs.iter().any(|(k, _)| k == "password") {
@@ -327,19 +330,12 @@ impl PgTools {
         self.dir.join(name)
     }
 
-    /// Every directory holding a real `pg_dump` (PATH first, then `/usr/lib/postgresql/*/bin`),
-    /// newest major first. Debian's `pg_wrapper` shims are skipped: they pick a version by
-    /// cluster config, not by the server we talk to.
+    /// Every directory holding a real `pg_dump` among [`crate::pgbin::search_dirs`]
+    /// (`DR_PG_BINDIR`, else PATH then `/usr/lib/postgresql/*/bin`), newest major first.
+    /// Debian's `pg_wrapper` shims are skipped: they pick a version by cluster config, not by
+    /// the server we talk to.
     pub fn discover() -> Vec<PgTools> {
-        let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
-            .map(|p| std::env::split_paths(&p).collect())
-            .unwrap_or_default();
-        if let Ok(entries) = std::fs::read_dir("/usr/lib/postgresql") {
-            let mut versions: Vec<PathBuf> =
-                entries.flatten().map(|e| e.path().join("bin")).collect();
-            versions.sort();
-            dirs.extend(versions);
-        }
+        let dirs = crate::pgbin::search_dirs();
         let mut found: Vec<PgTools> = Vec::new();
         let mut seen = std::collections::HashSet::new();
         for dir in dirs {
@@ -392,7 +388,7 @@ impl PgTools {
 }
 
 /// Parses `pg_dump (PostgreSQL) 15.18 (Debian ...)` into (15, "15.18").
-fn tool_version(exe: &Path) -> Option<(u32, String)> {
+pub fn tool_version(exe: &Path) -> Option<(u32, String)> {
     let out = Command::new(exe)
         .arg("--version")
         .stdin(Stdio::null())
