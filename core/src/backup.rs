@@ -98,23 +98,24 @@ pub async fn run(
 
     let storage = repo.storage();
     let data_key = repo.object_key(database, &id, DATA_OBJECT);
-    let dumped = match conn.spawn_pg_dump(&tools, snapshot_id.as_deref(), config.lock_wait_timeout(db)) {
-        Ok(source) => pipeline::encrypt_to_storage(
-            source,
-            pipeline::PG_DUMP_CUSTOM,
-            storage,
-            &data_key,
-            &recipients,
-            opts,
-            control,
-        )
-        .await
-        .map_err(|source| BackupError::Pipeline {
-            what: "the database dump (pg_dump)",
-            source,
-        }),
-        Err(e) => Err(e.into()),
-    };
+    let dumped =
+        match conn.spawn_pg_dump(&tools, snapshot_id.as_deref(), config.lock_wait_timeout(db)) {
+            Ok(source) => pipeline::encrypt_to_storage(
+                source,
+                pipeline::PG_DUMP_CUSTOM,
+                storage,
+                &data_key,
+                &recipients,
+                opts,
+                control,
+            )
+            .await
+            .map_err(|source| BackupError::Pipeline {
+                what: "the database dump (pg_dump)",
+                source,
+            }),
+            Err(e) => Err(e.into()),
+        };
     let data = match dumped {
         Ok(d) => d,
         Err(e) => {

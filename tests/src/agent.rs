@@ -367,7 +367,6 @@ fn answer(mut stream: TcpStream) -> Option<WebhookRequest> {
     Some(WebhookRequest { path, body })
 }
 
-
 /// A session holding `LOCK TABLE <table> IN ACCESS EXCLUSIVE MODE`, as a long migration
 /// would: `pg_dump` then blocks on that table. The session ends by itself after `max`;
 /// dropping the guard terminates it at once.

@@ -59,7 +59,12 @@ impl Bed {
         self.dr()
             .args(["restore", "--database", DB, "--latest", "--staging-dir"])
             .arg(self.base.dir().join("staging"))
-            .args(["--target", &self.cluster().url(target), "--create", "--json"])
+            .args([
+                "--target",
+                &self.cluster().url(target),
+                "--create",
+                "--json",
+            ])
             .run()
     }
 
