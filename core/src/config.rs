@@ -388,9 +388,9 @@ impl Config {
                 self.agent.max_concurrent_jobs
             )));
         }
-        let now = Timestamp::now();
-        let job_timeout = self.agent.job_timeout.seconds_at(now);
-        if job_timeout < 1 {
+        // Measured exactly: whole-second arithmetic would round 500ms up to 1s half the time.
+        let second = std::time::Duration::from_secs(1);
+        if self.agent.job_timeout.to_std() < second {
             return Err(invalid(format!(
                 "[agent] job_timeout = \"{}\" is too short; give at least 1s",
                 self.agent.job_timeout
@@ -403,7 +403,7 @@ impl Config {
                     .map(|t| (format!("database `{}`", db.name), t))
             }));
         for (owner, wait) in lock_waits {
-            if wait.seconds_at(now) < 1 {
+            if wait.to_std() < second {
                 return Err(invalid(format!(
                     "{owner} lock_wait_timeout = \"{wait}\" is too short; give at least 1s (pg_dump waits that long for each table lock)"
                 )));

@@ -140,10 +140,11 @@ impl TryFrom<String> for StorageUrl {
     type Error = String;
     /// Errors never repeat a password: the URL is redacted before it is quoted.
     fn try_from(text: String) -> Result<Self, String> {
-        // Checked before any parsing, so no later message can quote the secret.
+        // Checked before any parsing, so no later message can quote any part of the secret
+        // (`s3://key:se/cret@bucket` would otherwise name `key:se` as a bad bucket).
         if crate::redact::has_password(&text) {
             return Err(format!(
-                "storage url `{}` carries credentials; remove them: S3 credentials come from the AWS chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, profiles, web identity, instance metadata)",
+                "storage url `{}`: credentials do not belong in the URL; remove them and set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or use a profile or role)",
                 crate::redact::redact_urls(&text)
             ));
         }
