@@ -278,6 +278,12 @@ fn credentials_problem(e: &(dyn std::error::Error + 'static)) -> Option<String> 
                 | CredentialsError::ProviderTimedOut(_) => {
                     format!("no AWS credentials found; looked in: {CREDENTIAL_SOURCES}")
                 }
+                // The chain reports its last source's refusal (e.g. instance metadata
+                // answering 403 off EC2): every source came up empty.
+                CredentialsError::ProviderError(_) => format!(
+                    "no AWS credentials found (the last source tried said: {}); looked in: {CREDENTIAL_SOURCES}",
+                    cause_chain(ce)
+                ),
                 other => format!(
                     "cannot load AWS credentials: {}; the sources are: {CREDENTIAL_SOURCES}",
                     cause_chain(other)
