@@ -41,6 +41,11 @@ conf = docs["ConfigMap"]["data"]["agent.toml"]
 assert "0.0.0.0:9847" in conf, "the sidecar must listen beyond loopback to be scraped"
 open("/tmp/dr-k8s-agent.toml", "w").write(conf)
 PY
+# The Secret's files, as the pod mounts them (config check reads them: present, non-empty, 0600).
+rm -rf /tmp/dr-k8s-secrets && mkdir -m 700 /tmp/dr-k8s-secrets
+(umask 077 && echo "test-password" > /tmp/dr-k8s-secrets/app.password)
+target/debug/dr keygen --output /tmp/dr-k8s-secrets/identity.txt >/dev/null 2>&1
+sed -i 's|/etc/dr/secrets/|/tmp/dr-k8s-secrets/|g' /tmp/dr-k8s-agent.toml
 check "the ConfigMap's agent.toml passes dr config check" \
     sh -c 'target/debug/dr --config /tmp/dr-k8s-agent.toml config check >/dev/null'
 
