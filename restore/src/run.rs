@@ -551,13 +551,7 @@ async fn staged(
     }
     // From here on, any failure drops the database this run created.
     let result = async {
-        if let Some(sql) = globals_sql {
-            summary.globals = Some(apply_globals(target, sql).await?);
-        }
-        if watch.pipeline.cancel.is_cancelled() {
-            return Err(RestoreError::Cancelled);
-        }
-        watch.set(Phase::Restoring);
+        summary.globals = prepare_restore(target, globals_sql, watch).await?;
         let started = Instant::now();
         let path = tmp.path().to_owned();
         let result = run_pg_restore_file(target.clone(), opts, path, watch.clone()).await;
@@ -570,6 +564,24 @@ async fn staged(
         drop_created(target).await;
     }
     result
+}
+
+/// What staged and streamed restores do between creating the target and starting
+/// pg_restore: the backup's roles first, then a last chance to stop.
+async fn prepare_restore(
+    target: &Arc<Target>,
+    globals_sql: Option<String>,
+    watch: &Watch,
+) -> Result<Option<GlobalsReport>, RestoreError> {
+    let globals = match globals_sql {
+        Some(sql) => Some(apply_globals(target, sql).await?),
+        None => None,
+    };
+    if watch.pipeline.cancel.is_cancelled() {
+        return Err(RestoreError::Cancelled);
+    }
+    watch.set(Phase::Restoring);
+    Ok(globals)
 }
 
 /// Drops a database this restore created, after a failure or Ctrl-C, so no half-restore
@@ -681,13 +693,7 @@ async fn streamed(
         "streaming into a database this restore created; if anything fails it is dropped"
     );
     let result = async {
-        if let Some(sql) = globals_sql {
-            summary.globals = Some(apply_globals(target, sql).await?);
-        }
-        if watch.pipeline.cancel.is_cancelled() {
-            return Err(RestoreError::Cancelled);
-        }
-        watch.set(Phase::Restoring);
+        summary.globals = prepare_restore(target, globals_sql, watch).await?;
         let start = Instant::now();
         let mut restore = {
             let t = target.clone();
