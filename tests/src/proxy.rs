@@ -94,6 +94,10 @@ impl FaultProxy {
     /// Starts forwarding to `127.0.0.1:upstream_port` with `fault` in effect.
     pub fn start(upstream_port: u16, fault: Fault) -> FaultProxy {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        // Loopback receive buffers autotune to megabytes: a throttled proxy would take a whole
+        // upload part at once and drain it silently, which no real slow link does. A small
+        // fixed buffer (inherited by accepted sockets) keeps TCP's backpressure on the sender.
+        set_recv_buffer(&listener, 64 * 1024);
         listener
             .set_nonblocking(true)
             .expect("nonblocking listener");
@@ -300,6 +304,25 @@ fn serve(client: TcpStream, upstream_port: u16, shared: &Shared) {
     }
     let _ = client.shutdown(Shutdown::Both);
     let _ = upstream.shutdown(Shutdown::Both);
+}
+
+fn set_recv_buffer(socket: &impl AsRawFd, bytes: libc::c_int) {
+    // SAFETY: a valid socket descriptor and a c_int option value of the size given.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            &bytes as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "setsockopt(SO_RCVBUF): {}",
+        std::io::Error::last_os_error()
+    );
 }
 
 /// A frozen endpoint's side of a connection: accepted, never read, never answered.

@@ -49,7 +49,12 @@ impl Bed {
             region: Garage::REGION.into(),
         };
         // The first lines land in the [storage] table, which write_config leaves open.
-        let body = format!("part_size_mib = 5\n{storage_keys}\n")
+        let part_size = if storage_keys.contains("part_size_mib") {
+            ""
+        } else {
+            "part_size_mib = 5\n"
+        };
+        let body = format!("{part_size}{storage_keys}\n")
             + &encryption_toml(&[&base.keys.recipient], Some(&base.keys.identity))
             + &database_toml("app", &base.cluster.url("app"), None);
         let config = write_config(base.dir(), &storage, &body);
@@ -229,17 +234,15 @@ fn endpoint_freezing_mid_upload_fails_fast_and_commits_nothing() {
 }
 
 #[test]
-#[ignore = "fails: the fault proxy accepts a whole part at once and trickles it upstream, so the \
-            client sees no progress while it waits for the answer; the watchdog needs to count \
-            upstream progress or allow for the wait after the body (issue 9 note)"]
 fn slow_but_moving_transfers_outlast_the_idle_timeout() {
-    // 8 s without progress fails a request, while each part takes well over 8 s at
-    // 512 KiB/s: a per-request deadline of 8 s would fail every part. (Shorter idle limits
-    // are not meaningful here: loopback socket buffers hold megabytes that drain silently.)
-    let bed = Bed::new(8, "idle_timeout_secs = 8");
+    // 8 s without progress fails a request, while each 10 MiB part takes about 10 s at
+    // 1 MiB/s: a per-request deadline of 8 s would fail every part. The idle limit must
+    // exceed the time the link needs to drain the OS's socket send buffer (up to 4 MiB,
+    // tcp_wmem) after the last byte was handed over: 4 s here (README, [storage]).
+    let bed = Bed::new(16, "idle_timeout_secs = 8\npart_size_mib = 10");
     bed.proxy.set(Fault::Throttle {
-        to_upstream: Some(512 * 1024),
-        to_client: Some(512 * 1024),
+        to_upstream: Some(MIB as usize),
+        to_client: Some(MIB as usize),
     });
     let started = Instant::now();
     let id = bed.backup().assert_one_backup_id();
@@ -290,19 +293,42 @@ fn verify_and_restore_resume_after_connection_resets() {
 }
 
 #[test]
-#[ignore = "unfinished: with every connection cut before any byte, dr's error does not yet name \
-            the exhausted resume attempts (issue 9 note)"]
 fn download_that_never_gets_through_fails_with_the_cause() {
     let bed = Bed::new(8, "");
     bed.backup().assert_one_backup_id();
+    // The download is cut after 3 MiB; from then on every connection is cut after its
+    // first byte, so no resume makes progress.
     bed.proxy.set(Fault::ResetAfter {
         direction: Direction::ToClient,
-        after: 0,
-        times: 1000,
+        after: 3 * MIB,
+        times: 1,
     });
-    let out = bed.dr().args(["verify", "--database", "app"]).run();
-    eprintln!("{}", out.stderr);
-    out.assert_failure_mentions(&["attempts to resume"]);
+    let child = bed.dr().args(["verify", "--database", "app"]).spawn();
+    let cut = dr_tests::wait_until(Duration::from_secs(60), || bed.proxy.injected() == 1);
+    assert!(cut, "the download was never cut");
+    bed.proxy.set(Fault::ResetAfter {
+        direction: Direction::ToClient,
+        after: 1,
+        times: 1_000_000,
+    });
+    let started = Instant::now();
+    let out = dr_tests::wait_with_timeout(child, Duration::from_secs(600));
+    eprintln!(
+        "gave up after {:?}:\n{}{}",
+        started.elapsed(),
+        out.stdout,
+        out.stderr
+    );
+    assert!(!out.status.success(), "verify passed without the data");
+    let said = out.both();
+    for needle in [
+        "data.dump.zst.age FAILED",
+        "failed at byte",
+        "after 5 attempts to resume",
+        "Connection reset by peer",
+    ] {
+        assert!(said.contains(needle), "{needle:?} missing:\n{said}");
+    }
 }
 
 #[test]
