@@ -65,6 +65,9 @@ enum Command {
     /// Validate the configuration and show the schedules it sets.
     #[command(subcommand)]
     Config(cmd::config::Command),
+    /// Continuous capture through logical decoding: set up or tear down the source's side.
+    #[command(subcommand)]
+    Continuous(cmd::continuous::Command),
 }
 
 fn main() -> ExitCode {
@@ -90,6 +93,7 @@ fn main() -> ExitCode {
             Command::Status(args) => args.run(&cli.config).await,
             Command::Keygen(args) => args.run(),
             Command::Config(c) => c.run(&cli.config),
+            Command::Continuous(c) => c.run(&cli.config).await,
         }
     });
     // Never wait on a stuck blocking task at exit (a child that ignores us, a hung read).

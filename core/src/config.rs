@@ -81,6 +81,8 @@ pub enum NotifyEvent {
     RpoBreach,
     RpoRecovered,
     DrillFailed,
+    /// A continuous database's slot or publication puts capture or the source at risk.
+    ContinuousAtRisk,
     Test,
 }
 
@@ -217,6 +219,109 @@ pub struct DatabaseConfig {
     pub schedules: Vec<ScheduleConfig>,
     /// Restore drills; also makes backups record exact row counts for them.
     pub drill: Option<DrillConfig>,
+    /// Continuous capture of committed changes through logical decoding.
+    pub continuous: Option<ContinuousConfig>,
+}
+
+/// `[databases.continuous]`: the publication and slot dr reads the database's changes from.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContinuousConfig {
+    /// The logical replication slot; default `dr_<database>`.
+    pub slot: Option<SlotName>,
+    /// The `FOR ALL TABLES` publication; default the slot's name.
+    pub publication: Option<SlotName>,
+    /// A change segment closes after this long...
+    #[serde(default = "default_segment_seconds")]
+    pub segment_seconds: u64,
+    /// ...or once it holds this much (uncompressed).
+    #[serde(default = "default_segment_max_mib")]
+    pub segment_max_mib: u64,
+    /// Alert when the slot holds back more WAL than this on the source.
+    #[serde(default = "default_slot_retained_alert_mib")]
+    pub slot_retained_alert_mib: u64,
+    /// Tables without a primary key the operator chose to publish with `REPLICA IDENTITY
+    /// FULL` (dr sets it at setup), written as `dr continuous setup` lists them
+    /// (`schema.table`, quoted as PostgreSQL's `format('%I.%I')` quotes).
+    #[serde(default)]
+    pub replica_identity_full: Vec<String>,
+}
+
+fn default_segment_seconds() -> u64 {
+    30
+}
+fn default_segment_max_mib() -> u64 {
+    64
+}
+fn default_slot_retained_alert_mib() -> u64 {
+    1024
+}
+
+impl DatabaseConfig {
+    /// The backup classes this database's schedules produce.
+    pub fn classes(&self) -> impl Iterator<Item = &str> {
+        self.schedules.iter().map(|s| s.class.as_str())
+    }
+
+    /// The slot and publication names of a continuous database.
+    pub fn continuous_names(&self) -> Option<(SlotName, SlotName)> {
+        let c = self.continuous.as_ref()?;
+        let slot = c
+            .slot
+            .clone()
+            .unwrap_or_else(|| SlotName::for_database(self.name.as_str()));
+        let publication = c.publication.clone().unwrap_or_else(|| slot.clone());
+        Some((slot, publication))
+    }
+}
+
+/// A replication slot or publication name: what PostgreSQL accepts for a slot (lower-case
+/// letters, digits and `_`, at most 63), so it never needs quoting.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct SlotName(String);
+
+impl SlotName {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// `dr_<database>`, with anything a slot name cannot hold turned into `_`.
+    pub fn for_database(database: &str) -> SlotName {
+        let mut name: String = format!("dr_{database}")
+            .chars()
+            .map(|c| match c {
+                'a'..='z' | '0'..='9' | '_' => c,
+                'A'..='Z' => c.to_ascii_lowercase(),
+                _ => '_',
+            })
+            .collect();
+        name.truncate(63);
+        SlotName(name)
+    }
+}
+
+impl TryFrom<String> for SlotName {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        let ok = !s.is_empty()
+            && s.len() <= 63
+            && s.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        if ok {
+            Ok(SlotName(s))
+        } else {
+            Err(format!(
+                "invalid slot or publication name `{s}`: use 1 to 63 characters from lower-case letters, digits and `_`"
+            ))
+        }
+    }
+}
+
+impl fmt::Display for SlotName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -461,6 +566,20 @@ impl Config {
                     )));
                 }
             }
+            if let Some(c) = &db.continuous {
+                if !(1..=3600).contains(&c.segment_seconds) {
+                    return Err(invalid(format!(
+                        "database `{}`: [databases.continuous] segment_seconds = {} is out of range (1 to 3600)",
+                        db.name, c.segment_seconds
+                    )));
+                }
+                if !(1..=4096).contains(&c.segment_max_mib) {
+                    return Err(invalid(format!(
+                        "database `{}`: [databases.continuous] segment_max_mib = {} is out of range (1 to 4096)",
+                        db.name, c.segment_max_mib
+                    )));
+                }
+            }
             let mut classes = std::collections::BTreeSet::new();
             for s in &db.schedules {
                 if !classes.insert(s.class.as_str()) {
@@ -511,13 +630,6 @@ impl Config {
     /// The longest a backup may run ([agent] job_timeout).
     pub fn job_timeout(&self) -> std::time::Duration {
         self.agent.job_timeout.to_std()
-    }
-}
-
-impl DatabaseConfig {
-    /// The backup classes this database's schedules produce.
-    pub fn classes(&self) -> impl Iterator<Item = &str> {
-        self.schedules.iter().map(|s| s.class.as_str())
     }
 }
 

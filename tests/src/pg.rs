@@ -33,6 +33,8 @@ pub struct PgCluster {
     /// Who the server runs as when the tests run as root (initdb refuses root).
     user: Option<ServiceUser>,
     running: bool,
+    /// Appended to [`SETTINGS`] at initdb.
+    extra_settings: &'static str,
 }
 
 /// Server settings that keep a test cluster small and fast; durability is irrelevant here.
@@ -58,6 +60,19 @@ impl PgCluster {
     /// Like [`PgCluster::start`] with the server binaries of `bindir` (e.g. another major
     /// from [`crate::postgresql_binaries`]).
     pub fn start_with_bindir(bindir: PathBuf) -> PgCluster {
+        PgCluster::start_inner(bindir, "")
+    }
+
+    /// Like [`PgCluster::start`] with `wal_level = logical` and room for replication slots,
+    /// for continuous capture.
+    pub fn start_logical() -> PgCluster {
+        PgCluster::start_inner(
+            pg_bindir(),
+            "wal_level = logical\nmax_replication_slots = 8\nmax_wal_senders = 8\n",
+        )
+    }
+
+    fn start_inner(bindir: PathBuf, extra_settings: &'static str) -> PgCluster {
         assert!(
             bindir.join("initdb").exists(),
             "PostgreSQL binaries not found in {} (install Debian's postgresql-15 or set DR_PG_BINDIR)",
@@ -86,6 +101,7 @@ impl PgCluster {
             password: random_hex(16),
             user,
             running: false,
+            extra_settings,
         };
         cluster.init();
         cluster.launch();
@@ -298,7 +314,8 @@ impl PgCluster {
         let socket_dir = root.join("sock");
         writeln!(
             file,
-            "{SETTINGS}unix_socket_directories = '{}'",
+            "{SETTINGS}{}unix_socket_directories = '{}'",
+            self.extra_settings,
             socket_dir.display()
         )
         .expect("write postgresql.conf");

@@ -3,6 +3,7 @@
 pub mod agent;
 pub mod backup;
 pub mod config;
+pub mod continuous;
 pub mod demo;
 pub mod drill;
 pub mod health;

@@ -49,6 +49,9 @@ pub struct Metrics {
     pub drill_rto: Family<Db, FloatGauge>,
     pub rto_objective: Family<Db, FloatGauge>,
     pub drill_failures: Family<Db, Counter>,
+    pub continuous_retained: Family<Db, Gauge>,
+    pub continuous_without_identity: Family<Db, Gauge>,
+    pub continuous_at_risk: Family<Db, Gauge>,
 }
 
 impl Metrics {
@@ -65,6 +68,9 @@ impl Metrics {
             drill_rto: Family::default(),
             rto_objective: Family::default(),
             drill_failures: Family::default(),
+            continuous_retained: Family::default(),
+            continuous_without_identity: Family::default(),
+            continuous_at_risk: Family::default(),
             registry: Registry::default(),
         };
         m.registry.register(
@@ -121,6 +127,21 @@ impl Metrics {
             "dr_drill_failures",
             "Restore drills that failed",
             m.drill_failures.clone(),
+        );
+        m.registry.register(
+            "dr_continuous_slot_retained_bytes",
+            "WAL the continuous-capture slot holds back on the source (current LSN minus restart LSN)",
+            m.continuous_retained.clone(),
+        );
+        m.registry.register(
+            "dr_continuous_tables_without_identity",
+            "Published tables without a replica identity: UPDATE and DELETE on them fail on the source",
+            m.continuous_without_identity.clone(),
+        );
+        m.registry.register(
+            "dr_continuous_at_risk",
+            "1 while continuous capture is at risk (slot missing or invalidated, WAL retained above the threshold, tables without identity)",
+            m.continuous_at_risk.clone(),
         );
         m
     }

@@ -5,12 +5,14 @@
 //! - [`lock`]: one writer per database, a lease object in the repository.
 //! - [`metrics`] and [`http`]: Prometheus metrics and `/healthz`.
 //! - [`notify`]: webhook notifications, sent in the background.
+//! - [`continuous`]: the health of continuous databases' slots and publications.
 //!
 //! Shaped like mini-redis's server: every task is told to stop through a token and the
 //! process waits for them. Two tokens: `stop` ends scheduling (SIGHUP reload lets running
 //! jobs finish), `abort` also cancels jobs in flight (SIGTERM). The agent keeps no state of
 //! its own: at start every database's last backups and RPO are rebuilt from the repository.
 
+pub mod continuous;
 pub mod http;
 pub mod job;
 pub mod lock;
@@ -229,6 +231,13 @@ fn start_generation(
             name.clone(),
             stop.clone(),
         ));
+        if db.continuous.is_some() {
+            tasks.spawn(continuous::watch_loop(
+                shared.clone(),
+                name.clone(),
+                stop.clone(),
+            ));
+        }
         if db.drill.as_ref().is_some_and(|d| d.cron.is_some()) {
             tasks.spawn(job::drill_loop(shared.clone(), name, stop.clone()));
         }

@@ -1,0 +1,370 @@
+//! End-to-end tests of `dr continuous setup | teardown` against a real PostgreSQL 15 with
+//! `wal_level = logical`.
+//!
+//! What they prove: setup never makes the source's writes fail (a table without replica
+//! identity is listed and setup refuses, changing nothing, until the operator chooses
+//! REPLICA IDENTITY FULL for it); each missing prerequisite is named with its fix; setup is
+//! all or nothing and idempotent; teardown leaves no slot and no publication.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use std::time::Duration;
+
+use dr_tests::{
+    encryption_toml, free_port, keygen, metric_value, wait_until, write_config, Agent, Dr,
+    DrOutput, PgCluster, Storage, WebhookReceiver,
+};
+use serde_json::Value;
+use tempfile::TempDir;
+
+const DB: &str = "app";
+
+struct Bed {
+    tmp: TempDir,
+    cluster: PgCluster,
+    recipient: String,
+}
+
+impl Bed {
+    fn new(cluster: PgCluster) -> Bed {
+        let tmp = tempfile::Builder::new()
+            .prefix("dr-continuous-")
+            .tempdir()
+            .expect("create test dir");
+        let recipient = keygen(tmp.path()).recipient;
+        cluster.create_db(DB);
+        Bed {
+            tmp,
+            cluster,
+            recipient,
+        }
+    }
+
+    /// A config for `app` reached as `user` (password from a file), with `continuous` as
+    /// the body of its [databases.continuous] section.
+    fn config(&self, user: &str, password: &str, continuous: &str) -> PathBuf {
+        self.config_with(user, password, continuous, "")
+    }
+
+    /// Like [`Bed::config`], with `extra` (top-level tables) after the database.
+    fn config_with(&self, user: &str, password: &str, continuous: &str, extra: &str) -> PathBuf {
+        let secret = self.tmp.path().join(format!("{user}.password"));
+        fs::write(&secret, format!("{password}\n")).unwrap();
+        fs::set_permissions(&secret, fs::Permissions::from_mode(0o600)).unwrap();
+        let url = format!("postgres://{user}@127.0.0.1:{}/{DB}", self.cluster.port());
+        let body = encryption_toml(&[&self.recipient], None)
+            + &format!(
+                "[[databases]]\nname = \"{DB}\"\nurl = \"{url}\"\npassword_file = \"{}\"\n  [databases.continuous]\n{continuous}\n\n{extra}",
+                secret.display()
+            );
+        write_config(
+            self.tmp.path(),
+            &Storage::File(self.tmp.path().join("repo")),
+            &body,
+        )
+    }
+
+    fn superuser_config(&self, continuous: &str) -> PathBuf {
+        self.config("postgres", self.cluster.password(), continuous)
+    }
+
+    fn dr(config: &Path, args: &[&str]) -> DrOutput {
+        Dr::new(config).args(args).run()
+    }
+
+    fn sql(&self, sql: &str) -> String {
+        self.cluster.psql(DB, sql)
+    }
+
+    /// (publications, logical slots) on the cluster.
+    fn published(&self) -> (String, String) {
+        (
+            self.sql("SELECT coalesce(string_agg(pubname || ':' || puballtables, ','), '') FROM pg_publication"),
+            self.sql("SELECT coalesce(string_agg(slot_name || ':' || plugin || ':' || database, ','), '') FROM pg_replication_slots"),
+        )
+    }
+
+    /// UPDATE and DELETE on every table without a primary key still work.
+    fn writes_work(&self) {
+        for table in ["public.events", r#""odd.schema"."log ""x""""#] {
+            self.sql(&format!("UPDATE {table} SET what = what || '!'"));
+            self.sql(&format!("DELETE FROM {table} WHERE what = 'gone!'"));
+            self.sql(&format!("INSERT INTO {table} (what) VALUES ('gone')"));
+        }
+    }
+}
+
+fn json(out: &DrOutput) -> Value {
+    serde_json::from_str(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "no JSON on stdout ({e}):\nstdout:\n{}\nstderr:\n{}",
+            out.stdout, out.stderr
+        )
+    })
+}
+
+const ODD: &str = r#""odd.schema"."log ""x""""#;
+
+#[test]
+fn setup_refuses_tables_without_identity_until_chosen_and_teardown_removes_everything() {
+    let bed = Bed::new(PgCluster::start_logical());
+    bed.sql(
+        r#"CREATE TABLE orders (id serial PRIMARY KEY, what text);
+           CREATE TABLE events (at timestamptz DEFAULT now(), what text);
+           CREATE SCHEMA "odd.schema";
+           CREATE TABLE "odd.schema"."log ""x""" (what text);
+           CREATE TABLE full_already (what text);
+           ALTER TABLE full_already REPLICA IDENTITY FULL;
+           CREATE TABLE by_index (id int NOT NULL, what text);
+           CREATE UNIQUE INDEX by_index_id ON by_index (id);
+           ALTER TABLE by_index REPLICA IDENTITY USING INDEX by_index_id;
+           CREATE UNLOGGED TABLE scratch (what text);
+           INSERT INTO events (what) VALUES ('a'), ('gone');
+           INSERT INTO "odd.schema"."log ""x""" (what) VALUES ('b'), ('gone');"#,
+    );
+
+    // No choice made: refused, both tables named exactly as the config must name them.
+    let config = bed.superuser_config("");
+    let out = Bed::dr(&config, &["continuous", "setup", "--database", DB]);
+    out.assert_failure_mentions(&[
+        "refused",
+        "2 tables without a replica identity",
+        "nothing was changed",
+    ]);
+    eprintln!("{}", out.stdout);
+    for listed in ["public.events", ODD] {
+        assert!(
+            out.stdout.lines().any(|l| l.trim() == listed),
+            "{listed} not listed:\n{}",
+            out.stdout
+        );
+    }
+    for fine in ["orders", "full_already", "by_index", "scratch"] {
+        assert!(!out.stdout.contains(fine), "{fine} listed:\n{}", out.stdout);
+    }
+    assert_eq!(bed.published(), (String::new(), String::new()));
+    bed.writes_work();
+
+    // The operator chooses REPLICA IDENTITY FULL for one only: still refused, still nothing.
+    let config = bed.superuser_config("replica_identity_full = [\"public.events\"]");
+    let out = Bed::dr(
+        &config,
+        &["continuous", "setup", "--database", DB, "--json"],
+    );
+    assert!(!out.status.success());
+    let report = json(&out);
+    assert_eq!(report["tables_without_identity"], serde_json::json!([ODD]));
+    assert_eq!(report["ready"], false);
+    assert_eq!(
+        bed.sql("SELECT relreplident FROM pg_class WHERE relname = 'events'"),
+        "d"
+    );
+    assert_eq!(bed.published(), (String::new(), String::new()));
+
+    // Both chosen: a dry run reports and changes nothing.
+    let both = format!(
+        "replica_identity_full = [\"public.events\", {}]",
+        serde_json::to_string(ODD).unwrap()
+    );
+    let config = bed.superuser_config(&both);
+    let out = Bed::dr(
+        &config,
+        &[
+            "continuous",
+            "setup",
+            "--database",
+            DB,
+            "--dry-run",
+            "--json",
+        ],
+    );
+    out.assert_success();
+    let report = json(&out);
+    assert_eq!(report["ready"], true);
+    assert_eq!(report["dry_run"], true);
+    assert_eq!(report["actions"].as_array().unwrap().len(), 4, "{report}");
+    assert_eq!(bed.published(), (String::new(), String::new()));
+
+    let out = Bed::dr(&config, &["continuous", "setup", "--database", DB]);
+    out.assert_success();
+    eprintln!("{}", out.stdout);
+    assert_eq!(
+        bed.published(),
+        ("dr_app:true".to_string(), "dr_app:pgoutput:app".to_string())
+    );
+    assert_eq!(
+        bed.sql("SELECT string_agg(relreplident::text, '' ORDER BY relname) FROM pg_class WHERE relname IN ('events', 'log \"x\"')"),
+        "ff"
+    );
+    // Published now, and the source's writes still work.
+    bed.writes_work();
+
+    // Again: nothing to do.
+    let out = Bed::dr(&config, &["continuous", "setup", "--database", DB]);
+    out.assert_success();
+    assert!(out.stdout.contains("already set up"), "{}", out.stdout);
+
+    let out = Bed::dr(
+        &config,
+        &["continuous", "teardown", "--database", DB, "--dry-run"],
+    );
+    out.assert_success();
+    assert!(
+        out.stdout
+            .contains("would: drop the replication slot dr_app"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(bed.published().1, "dr_app:pgoutput:app");
+
+    Bed::dr(&config, &["continuous", "teardown", "--database", DB]).assert_success();
+    assert_eq!(bed.published(), (String::new(), String::new()));
+    let out = Bed::dr(&config, &["continuous", "teardown", "--database", DB]);
+    out.assert_success();
+    assert!(
+        out.stdout.contains("nothing to tear down"),
+        "{}",
+        out.stdout
+    );
+    bed.writes_work();
+}
+
+#[test]
+fn setup_names_each_missing_prerequisite_with_its_fix_and_changes_nothing() {
+    // wal_level = replica (the default) and a role that is neither superuser nor REPLICATION.
+    let bed = Bed::new(PgCluster::start());
+    bed.sql("CREATE ROLE capture LOGIN PASSWORD 'capture-pw'; CREATE TABLE t (id int PRIMARY KEY)");
+    let config = bed.config("capture", "capture-pw", "");
+    let out = Bed::dr(&config, &["continuous", "setup", "--database", DB]);
+    eprintln!("{}{}", out.stdout, out.stderr);
+    out.assert_failure_mentions(&["refused", "3 prerequisites missing", "nothing was changed"]);
+    for needle in [
+        "MISSING  wal_level = replica",
+        "ALTER SYSTEM SET wal_level = logical",
+        "ALTER ROLE \"capture\" REPLICATION",
+        "a superuser run CREATE PUBLICATION dr_app FOR ALL TABLES",
+    ] {
+        assert!(
+            out.stdout.contains(needle),
+            "`{needle}` missing:\n{}",
+            out.stdout
+        );
+    }
+    let report = json(&Bed::dr(
+        &config,
+        &["continuous", "setup", "--database", DB, "--json"],
+    ));
+    let failing: Vec<&str> = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["ok"] == false)
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        failing,
+        ["wal_level", "replication_privilege", "publication"]
+    );
+    assert_eq!(bed.published(), (String::new(), String::new()));
+
+    // A database without [databases.continuous] is refused with the fix.
+    let plain = bed.tmp.path().join("plain.toml");
+    let text = fs::read_to_string(&config)
+        .unwrap()
+        .replace("  [databases.continuous]\n", "");
+    fs::write(&plain, text).unwrap();
+    fs::set_permissions(&plain, fs::Permissions::from_mode(0o600)).unwrap();
+    Bed::dr(&plain, &["continuous", "setup", "--database", DB])
+        .assert_failure_mentions(&["no [databases.continuous] section"]);
+}
+
+#[test]
+fn agent_alerts_when_a_table_without_identity_appears_or_the_slot_retains_too_much() {
+    let bed = Bed::new(PgCluster::start_logical());
+    bed.sql("CREATE TABLE t (id int PRIMARY KEY, v text)");
+    let hook = WebhookReceiver::start();
+    let port = free_port();
+    let config = bed.config_with(
+        "postgres",
+        bed.cluster.password(),
+        "segment_seconds = 1\nslot_retained_alert_mib = 4",
+        &format!(
+            "[agent]\nlisten = \"127.0.0.1:{port}\"\n\n[[notify]]\nurl = \"{}\"\n",
+            hook.url("/hook")
+        ),
+    );
+    Bed::dr(&config, &["continuous", "setup", "--database", DB]).assert_success();
+    let agent = Agent::start(Dr::new(&config), port);
+    let labels = [("environment", "test"), ("database", DB)];
+    let metric = |name: &str| metric_value(&agent.metrics(), name, &labels);
+    let at_risk_events = || {
+        hook.json_bodies()
+            .into_iter()
+            .filter(|b| b["event"] == "continuous_at_risk")
+            .collect::<Vec<_>>()
+    };
+    let settled = wait_until(Duration::from_secs(30), || {
+        metric("dr_continuous_at_risk") == Some(0.0)
+            && metric("dr_continuous_slot_retained_bytes").is_some()
+    });
+    assert!(
+        settled,
+        "no continuous metrics:\n{}\n{}",
+        agent.metrics(),
+        agent.log()
+    );
+
+    // A table created without identity is published at once: its UPDATEs fail on the
+    // source, which is what the alert is for.
+    bed.sql("CREATE TABLE newt (v text); INSERT INTO newt VALUES ('a')");
+    let refused = bed.cluster.try_psql(DB, "UPDATE newt SET v = 'b'");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("replica identity"),
+        "the premise does not hold: {}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    let alerted = wait_until(Duration::from_secs(30), || {
+        metric("dr_continuous_tables_without_identity") == Some(1.0) && at_risk_events().len() == 1
+    });
+    assert!(
+        alerted,
+        "no alert: events {:?}\n{}",
+        hook.events(),
+        agent.log()
+    );
+    let event = &at_risk_events()[0];
+    let message = event["message"].as_str().unwrap();
+    assert!(
+        message.contains("1 published table(s) have no replica identity"),
+        "{message}"
+    );
+    assert!(
+        !message.contains("newt"),
+        "a table name left the host: {message}"
+    );
+    assert!(agent.log().contains("public.newt"), "{}", agent.log());
+    assert_eq!(metric("dr_continuous_at_risk"), Some(1.0));
+
+    bed.sql("ALTER TABLE newt REPLICA IDENTITY FULL; UPDATE newt SET v = 'b'");
+    let cleared = wait_until(Duration::from_secs(30), || {
+        metric("dr_continuous_at_risk") == Some(0.0)
+    });
+    assert!(cleared, "{}", agent.log());
+    assert!(agent.log().contains("no longer at risk"), "{}", agent.log());
+
+    // Nothing consumes the slot yet: about 10 MiB of rows (too small to compress) make it
+    // retain more than 4 MiB of WAL.
+    bed.sql("INSERT INTO t SELECT g, repeat(md5(g::text), 4) FROM generate_series(1, 60000) g");
+    let retained = wait_until(Duration::from_secs(30), || at_risk_events().len() == 2);
+    assert!(
+        retained,
+        "no second alert: events {:?}\n{}",
+        hook.events(),
+        agent.log()
+    );
+    let message = at_risk_events()[1]["message"].as_str().unwrap().to_string();
+    assert!(message.contains("holds back"), "{message}");
+    assert!(metric("dr_continuous_slot_retained_bytes").unwrap() > 4.0 * 1024.0 * 1024.0);
+}
