@@ -246,6 +246,28 @@ impl PgCluster {
         );
     }
 
+    /// After [`PgCluster::require_tls`]: TCP clients must also present a certificate signed
+    /// by `ca` whose CN is their user name (`cert` authentication, no password).
+    pub fn require_client_certs(&self, ca: &Path) {
+        let data = self.data_dir();
+        let to = data.join("client-ca.crt");
+        fs::copy(ca, &to).expect("copy client CA");
+        self.give_to_server_user(&to);
+        let mut conf = fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("postgresql.conf"))
+            .expect("open postgresql.conf");
+        writeln!(conf, "ssl_ca_file = 'client-ca.crt'").expect("write postgresql.conf");
+        fs::write(
+            data.join("pg_hba.conf"),
+            "local all all trust\n\
+             hostssl all all 127.0.0.1/32 cert\n\
+             host all all 0.0.0.0/0 reject\n",
+        )
+        .expect("write pg_hba.conf");
+        self.psql("postgres", "SELECT pg_reload_conf()");
+    }
+
     /// Stops the server immediately (no checkpoint). Safe to call twice.
     pub fn stop(&mut self) {
         if !self.running {

@@ -60,6 +60,8 @@ struct Shared {
     fault: Mutex<Fault>,
     stop: AtomicBool,
     injected: AtomicUsize,
+    /// Every HTTP request's request line and headers, lower-cased, in arrival order.
+    heads: Mutex<Vec<String>>,
 }
 
 impl Shared {
@@ -106,6 +108,7 @@ impl FaultProxy {
             fault: Mutex::new(fault),
             stop: AtomicBool::new(false),
             injected: AtomicUsize::new(0),
+            heads: Mutex::new(Vec::new()),
         });
         let connections: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
         let accept = {
@@ -145,6 +148,15 @@ impl FaultProxy {
     /// Replaces the fault in effect (open connections follow it from their next read).
     pub fn set(&self, fault: Fault) {
         *self.shared.fault.lock().unwrap_or_else(|e| e.into_inner()) = fault;
+    }
+
+    /// The request line and headers (lower-cased) of every HTTP request seen so far.
+    pub fn request_heads(&self) -> Vec<String> {
+        self.shared
+            .heads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// How many faults were applied so far: resets, 503s, corrupted bodies.
@@ -359,6 +371,11 @@ fn feed(request: &mut Request, mut data: &mut [u8], shared: &Shared, out: &mut V
                 };
                 let mut rest = head.split_off(end + 4);
                 let text = String::from_utf8_lossy(head).to_ascii_lowercase();
+                shared
+                    .heads
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(text.clone());
                 let header = |name: &str| {
                     text.lines()
                         .filter_map(|l| l.split_once(':'))

@@ -8,6 +8,7 @@
 //! object at all, not just no table.
 
 use std::fs;
+use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 
 use dr_tests::{database_toml, encryption_toml, write_config, BedBase, Dr, DrOutput, PgCluster};
@@ -282,6 +283,88 @@ fn no_session_outlives_the_backup() {
         "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'dr%'",
     );
     assert_eq!(left, "0", "dr sessions still open after the backup");
+}
+
+#[test]
+fn client_certificates_come_from_sslcert_and_sslkey() {
+    let bed = Bed::new();
+    bed.cluster()
+        .psql(DB, "CREATE TABLE t (id int); INSERT INTO t VALUES (1);");
+    let certs = bed.base.dir().join("certs");
+    fs::create_dir(&certs).expect("certs dir");
+    make_certs(&certs);
+    // The client's certificate: CN = the database user, signed by the same CA (an X.509 v3
+    // certificate: webpki refuses v1).
+    fs::write(certs.join("client.cnf"), "extendedKeyUsage = clientAuth\n").expect("write ext");
+    openssl(
+        &certs,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=postgres",
+            "-keyout",
+            "client.key",
+            "-out",
+            "client.csr",
+        ],
+    );
+    openssl(
+        &certs,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "client.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "client.cnf",
+            "-out",
+            "client.crt",
+        ],
+    );
+    fs::set_permissions(certs.join("client.key"), fs::Permissions::from_mode(0o600))
+        .expect("chmod client key");
+    bed.cluster()
+        .require_tls(&certs.join("server.crt"), &certs.join("server.key"));
+    bed.cluster().require_client_certs(&certs.join("ca.crt"));
+
+    let file = |name: &str| certs.join(name).display().to_string();
+    let run = |name: &str, query: String| {
+        let url = format!("{}?{query}", bed.cluster().url(DB));
+        let body = encryption_toml(&[&bed.base.keys.recipient], Some(&bed.base.keys.identity))
+            + &database_toml(DB, &url, None)
+            + "  [databases.drill]\n  target = \"ephemeral\"\n\n";
+        let dir = bed.base.dir().join(name);
+        fs::create_dir_all(&dir).expect("config dir");
+        let config = write_config(&dir, &bed.base.storage, &body);
+        // No password anywhere: only the certificate can authenticate.
+        bed.base
+            .dr(&config)
+            .env("HOME", &dir)
+            .args(["backup", "--database", DB])
+            .run()
+    };
+    let verify = format!("sslmode=verify-ca&sslrootcert={}", file("ca.crt"));
+    // pg_dump (libpq) and dr's own sessions (row counts, for the drill) both present it.
+    run(
+        "with-cert",
+        format!(
+            "{verify}&sslcert={}&sslkey={}",
+            file("client.crt"),
+            file("client.key")
+        ),
+    )
+    .assert_success();
+    run("without-cert", verify).assert_failure_mentions(&["certificate"]);
 }
 
 /// `openssl` in `dir`: returns its stdout, panicking with its stderr on failure.

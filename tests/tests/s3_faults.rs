@@ -190,6 +190,38 @@ fn corrupted_upload_is_rejected_and_never_commits() {
 }
 
 #[test]
+fn every_write_carries_content_md5_and_no_store_specific_checksum() {
+    // Content-MD5 is the one integrity header every S3-compatible store checks; the SDK's
+    // CRC32 / x-amz-checksum-* headers are refused by some stores, so none may be sent.
+    let bed = Bed::new(8, "");
+    bed.backup().assert_one_backup_id();
+    let heads = bed.proxy.request_heads();
+    let writes: Vec<&String> = heads
+        .iter()
+        .filter(|h| h.starts_with("put ") && !h.contains("x-amz-copy-source"))
+        .collect();
+    let parts = writes.iter().filter(|h| h.contains("partnumber=")).count();
+    assert!(parts >= 2, "the backup did not upload in parts: {heads:#?}");
+    assert!(
+        writes.len() > parts,
+        "no single-request PUT (manifest, globals): {heads:#?}"
+    );
+    for head in &writes {
+        let request_line = head.lines().next().unwrap_or_default();
+        assert!(
+            head.lines().any(|l| l.starts_with("content-md5:")),
+            "no Content-MD5 on {request_line}"
+        );
+        for forbidden in ["x-amz-checksum-", "x-amz-sdk-checksum-algorithm"] {
+            assert!(
+                !head.contains(forbidden),
+                "{request_line} carries {forbidden}:\n{head}"
+            );
+        }
+    }
+}
+
+#[test]
 fn frozen_endpoint_fails_within_the_idle_timeout_with_no_manifest() {
     let bed = Bed::new(0, "idle_timeout_secs = 3");
     bed.proxy.set(Fault::Stall);
