@@ -567,9 +567,9 @@ impl Config {
                 }
             }
             if let Some(c) = &db.continuous {
-                if !(1..=3600).contains(&c.segment_seconds) {
+                if !(1..=300).contains(&c.segment_seconds) {
                     return Err(invalid(format!(
-                        "database `{}`: [databases.continuous] segment_seconds = {} is out of range (1 to 3600)",
+                        "database `{}`: [databases.continuous] segment_seconds = {} is out of range (1 to 300)",
                         db.name, c.segment_seconds
                     )));
                 }

@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use dr_tests::{
-    encryption_toml, free_port, keygen, metric_value, wait_until, write_config, Agent, Dr,
-    DrOutput, PgCluster, Storage, WebhookReceiver,
+    decrypt_to_bytes, encryption_toml, free_port, keygen, metric_value, wait_until, write_config,
+    Agent, Dr, DrOutput, PgCluster, Storage, WebhookReceiver,
 };
 use serde_json::Value;
 use tempfile::TempDir;
@@ -25,6 +25,7 @@ struct Bed {
     tmp: TempDir,
     cluster: PgCluster,
     recipient: String,
+    identity: PathBuf,
 }
 
 impl Bed {
@@ -33,12 +34,13 @@ impl Bed {
             .prefix("dr-continuous-")
             .tempdir()
             .expect("create test dir");
-        let recipient = keygen(tmp.path()).recipient;
+        let keys = keygen(tmp.path());
         cluster.create_db(DB);
         Bed {
             tmp,
             cluster,
-            recipient,
+            recipient: keys.recipient,
+            identity: keys.identity,
         }
     }
 
@@ -280,8 +282,61 @@ fn setup_names_each_missing_prerequisite_with_its_fix_and_changes_nothing() {
         .assert_failure_mentions(&["no [databases.continuous] section"]);
 }
 
+/// The committed segments' manifests, oldest first.
+fn segments(repo: &Path) -> Vec<Value> {
+    let dir = repo.join("test").join(DB).join("changes");
+    let mut found: Vec<(String, Value)> = fs::read_dir(&dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| {
+                    let path = e.ok()?.path().join("manifest.json");
+                    let text = fs::read_to_string(&path).ok()?;
+                    Some((
+                        path.display().to_string(),
+                        serde_json::from_str(&text).ok()?,
+                    ))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    found.sort_by(|a, b| a.0.cmp(&b.0));
+    found.into_iter().map(|(_, v)| v).collect()
+}
+
+/// Every segment's plaintext (decrypted with the stock tools), concatenated.
+fn captured_plaintext(bed: &Bed, repo: &Path) -> Vec<u8> {
+    let mut all = Vec::new();
+    for m in segments(repo) {
+        let object = repo
+            .join("test")
+            .join(DB)
+            .join("changes")
+            .join(m["id"].as_str().unwrap())
+            .join("changes.zst.age");
+        let plain = decrypt_to_bytes(&bed.identity, &object);
+        assert!(
+            plain.starts_with(b"DRCHANGES1\n") && plain.ends_with(b"E"),
+            "incomplete segment {}",
+            m["id"]
+        );
+        all.extend_from_slice(&plain);
+    }
+    all
+}
+
+fn lsn(text: &str) -> u64 {
+    let (hi, lo) = text.split_once('/').unwrap();
+    (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap()
+}
+
+fn contains(haystack: &[u8], needle: &str) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|w| w == needle.as_bytes())
+}
+
 #[test]
-fn agent_alerts_when_a_table_without_identity_appears_or_the_slot_retains_too_much() {
+fn agent_captures_segments_confirms_only_what_is_stored_and_alerts_on_risk() {
     let bed = Bed::new(PgCluster::start_logical());
     bed.sql("CREATE TABLE t (id int PRIMARY KEY, v text)");
     let hook = WebhookReceiver::start();
@@ -295,6 +350,7 @@ fn agent_alerts_when_a_table_without_identity_appears_or_the_slot_retains_too_mu
             hook.url("/hook")
         ),
     );
+    let repo = bed.tmp.path().join("repo");
     Bed::dr(&config, &["continuous", "setup", "--database", DB]).assert_success();
     let agent = Agent::start(Dr::new(&config), port);
     let labels = [("environment", "test"), ("database", DB)];
@@ -305,14 +361,40 @@ fn agent_alerts_when_a_table_without_identity_appears_or_the_slot_retains_too_mu
             .filter(|b| b["event"] == "continuous_at_risk")
             .collect::<Vec<_>>()
     };
-    let settled = wait_until(Duration::from_secs(30), || {
-        metric("dr_continuous_at_risk") == Some(0.0)
-            && metric("dr_continuous_slot_retained_bytes").is_some()
+    let confirmed = || {
+        lsn(&bed
+            .sql("SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = 'dr_app'"))
+    };
+
+    // Changes land in segments; the slot is confirmed exactly as far as the newest one.
+    bed.sql("INSERT INTO t VALUES (1, 'marker-before-outage')");
+    let stored = wait_until(Duration::from_secs(30), || {
+        segments(&repo)
+            .iter()
+            .any(|m| m["transactions"].as_u64() > Some(0))
     });
+    assert!(stored, "no segment with the change:\n{}", agent.log());
+    assert!(contains(
+        &captured_plaintext(&bed, &repo),
+        "marker-before-outage"
+    ));
+    let all = segments(&repo);
+    for pair in all.windows(2) {
+        assert!(
+            lsn(pair[1]["start_lsn"].as_str().unwrap())
+                <= lsn(pair[0]["end_lsn"].as_str().unwrap()),
+            "a gap between segments: {pair:#?}"
+        );
+    }
+    let text = all.iter().map(|m| m.to_string()).collect::<String>();
     assert!(
-        settled,
-        "no continuous metrics:\n{}\n{}",
-        agent.metrics(),
+        !text.contains("marker") && !text.contains("\"t\""),
+        "content in a manifest: {text}"
+    );
+    assert_eq!(
+        metric("dr_continuous_at_risk"),
+        Some(0.0),
+        "{}",
         agent.log()
     );
 
@@ -334,8 +416,7 @@ fn agent_alerts_when_a_table_without_identity_appears_or_the_slot_retains_too_mu
         hook.events(),
         agent.log()
     );
-    let event = &at_risk_events()[0];
-    let message = event["message"].as_str().unwrap();
+    let message = at_risk_events()[0]["message"].as_str().unwrap().to_string();
     assert!(
         message.contains("1 published table(s) have no replica identity"),
         "{message}"
@@ -345,26 +426,57 @@ fn agent_alerts_when_a_table_without_identity_appears_or_the_slot_retains_too_mu
         "a table name left the host: {message}"
     );
     assert!(agent.log().contains("public.newt"), "{}", agent.log());
-    assert_eq!(metric("dr_continuous_at_risk"), Some(1.0));
-
     bed.sql("ALTER TABLE newt REPLICA IDENTITY FULL; UPDATE newt SET v = 'b'");
     let cleared = wait_until(Duration::from_secs(30), || {
         metric("dr_continuous_at_risk") == Some(0.0)
     });
     assert!(cleared, "{}", agent.log());
-    assert!(agent.log().contains("no longer at risk"), "{}", agent.log());
 
-    // Nothing consumes the slot yet: about 10 MiB of rows (too small to compress) make it
-    // retain more than 4 MiB of WAL.
-    bed.sql("INSERT INTO t SELECT g, repeat(md5(g::text), 4) FROM generate_series(1, 60000) g");
-    let retained = wait_until(Duration::from_secs(30), || at_risk_events().len() == 2);
+    // The store goes away: nothing more is confirmed, the slot retains the changes, and
+    // the agent says so.
+    let before = segments(&repo).len();
+    let aside = bed.tmp.path().join("repo-away");
+    fs::rename(&repo, &aside).unwrap();
+    fs::write(&repo, "not a directory").unwrap();
+    let held = confirmed();
+    bed.sql("INSERT INTO t VALUES (2, 'marker-during-outage')");
+    bed.sql("INSERT INTO t SELECT g, repeat(md5(g::text), 4) FROM generate_series(10, 60000) g");
+    let retained = wait_until(Duration::from_secs(30), || {
+        at_risk_events().iter().any(|e| {
+            let m = e["message"].as_str().unwrap_or_default();
+            m.contains("holds back") && m.contains("capture is failing")
+        })
+    });
     assert!(
         retained,
-        "no second alert: events {:?}\n{}",
+        "no outage alert: events {:?}\n{}",
         hook.events(),
         agent.log()
     );
-    let message = at_risk_events()[1]["message"].as_str().unwrap().to_string();
-    assert!(message.contains("holds back"), "{message}");
-    assert!(metric("dr_continuous_slot_retained_bytes").unwrap() > 4.0 * 1024.0 * 1024.0);
+    assert_eq!(
+        confirmed(),
+        held,
+        "the slot moved while nothing could be stored"
+    );
+    assert!(metric("dr_continuous_capture_failures_total").unwrap_or(0.0) >= 1.0);
+
+    // The store is back: capture catches up and nothing written meanwhile is missing.
+    fs::remove_file(&repo).unwrap();
+    fs::rename(&aside, &repo).unwrap();
+    let caught_up = wait_until(Duration::from_secs(60), || {
+        segments(&repo).len() > before && metric("dr_continuous_at_risk") == Some(0.0)
+    });
+    assert!(caught_up, "{}", agent.log());
+    assert!(contains(
+        &captured_plaintext(&bed, &repo),
+        "marker-during-outage"
+    ));
+    assert!(confirmed() > held);
+    // Never confirmed beyond what a committed segment holds.
+    let stored_up_to = segments(&repo)
+        .iter()
+        .map(|m| lsn(m["end_lsn"].as_str().unwrap()))
+        .max()
+        .unwrap();
+    assert!(confirmed() <= stored_up_to);
 }

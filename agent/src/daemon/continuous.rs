@@ -1,13 +1,17 @@
-//! Watches each continuous database's source between captures: the WAL its slot holds
-//! back, a slot PostgreSQL invalidated, and published tables without a replica identity
-//! (whose UPDATEs and DELETEs fail on the source). Any of these is `continuous_at_risk`:
-//! exported as metrics and notified once each time the set of risks changes.
+//! Each continuous database's capture loop: every `segment_seconds` it stores one change
+//! segment (confirmed to the slot only once committed), then checks the source: the WAL
+//! the slot holds back, a slot PostgreSQL invalidated, published tables without a replica
+//! identity (whose UPDATEs and DELETEs fail on the source), and failing captures. Any of
+//! these is `continuous_at_risk`: exported as metrics and notified once each time the set
+//! of risks changes.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use dr_continuous::capture::{self, Target};
 use dr_core::config::NotifyEvent;
 use dr_core::pg::Connection;
+use dr_core::pipeline::encode::EncodeOptions;
 use tokio_util::sync::CancellationToken;
 
 use super::metrics::db as db_labels;
@@ -23,13 +27,53 @@ pub async fn watch_loop(shared: Arc<Shared>, name: String, stop: CancellationTok
     let Some(settings) = &db.continuous else {
         return;
     };
-    let every = Duration::from_secs(settings.segment_seconds.clamp(1, 60));
+    let every = Duration::from_secs(settings.segment_seconds);
     let threshold = settings.slot_retained_alert_mib.saturating_mul(MIB);
     let labels = db_labels(shared.environment(), &name);
     let m = &shared.metrics;
     let mut notified: Vec<String> = Vec::new();
+    let recipients = match config.recipients() {
+        Ok(r) if !r.is_empty() => Some(r),
+        _ => None,
+    };
+    let encode = EncodeOptions {
+        level: config.compression.level,
+        threads: config.compression.threads,
+    };
+    // The recovery point survives restarts: it comes back from the newest segment.
+    match capture::latest_segment(&shared.repo, &name).await {
+        Ok(Some(m)) => covered(&shared, &name, &m),
+        Ok(None) => {}
+        Err(e) => {
+            tracing::warn!(database = %name, error = %e, "cannot read the newest change segment")
+        }
+    }
+    let mut slot_usable = true;
     loop {
-        let health = match Connection::new(&db.url, db.password_file.as_deref()) {
+        let conn = Connection::new(&db.url, db.password_file.as_deref());
+        let mut capture_failing = false;
+        if let (Ok(conn), Some(recipients), true) = (&conn, &recipients, slot_usable) {
+            let target = Target {
+                repo: &shared.repo,
+                recipients,
+                encode,
+            };
+            tokio::select! {
+                result = capture::capture_segment(db, conn, &target) => match result {
+                    Ok(segment) => {
+                        covered(&shared, &name, &segment);
+                        segment_metrics(&shared, &labels, &segment);
+                    }
+                    Err(e) => {
+                        capture_failing = true;
+                        m.continuous_capture_failures.get_or_create(&labels).inc();
+                        tracing::error!(database = %name, error = %e, "change capture failed; the slot keeps the changes and the next segment retries");
+                    }
+                },
+                _ = stop.cancelled() => return,
+            }
+        }
+        let health = match conn {
             Ok(conn) => dr_continuous::health(db, &conn)
                 .await
                 .map_err(|e| e.to_string()),
@@ -49,7 +93,14 @@ pub async fn watch_loop(shared: Arc<Shared>, name: String, stop: CancellationTok
                 m.continuous_without_identity
                     .get_or_create(&labels)
                     .set(h.tables_without_identity.len() as i64);
+                slot_usable = h.slot_exists && !h.slot_lost();
                 let mut risks = Vec::new();
+                if recipients.is_none() {
+                    risks.push("no [encryption] recipients: nothing can be captured".to_string());
+                }
+                if capture_failing {
+                    risks.push("change capture is failing (the error is in the agent's log); the slot keeps the changes meanwhile".to_string());
+                }
                 if !h.slot_exists {
                     risks.push(
                         "the replication slot does not exist: run `dr continuous setup`"
@@ -99,5 +150,35 @@ pub async fn watch_loop(shared: Arc<Shared>, name: String, stop: CancellationTok
             _ = tokio::time::sleep(every) => {}
             _ = stop.cancelled() => return,
         }
+    }
+}
+
+/// A committed segment moves the recovery point, once a backup exists to apply it to.
+fn covered(shared: &Shared, name: &str, m: &dr_continuous::SegmentManifest) {
+    let mut last = shared.last_success.lock().expect("last success");
+    if let Some(at) = last.get_mut(name) {
+        if m.covered_until > *at {
+            *at = m.covered_until;
+        }
+    }
+}
+
+fn segment_metrics(
+    shared: &Shared,
+    labels: &super::metrics::Db,
+    m: &dr_continuous::SegmentManifest,
+) {
+    let metrics = &shared.metrics;
+    metrics
+        .continuous_covered_until
+        .get_or_create(labels)
+        .set(m.covered_until.as_millisecond() as f64 / 1000.0);
+    metrics.continuous_segments.get_or_create(labels).inc();
+    if let Some(last) = m.last_commit_at {
+        let lag = jiff::Timestamp::now().duration_since(last).as_secs_f64();
+        metrics
+            .continuous_lag
+            .get_or_create(labels)
+            .observe(lag.max(0.0));
     }
 }

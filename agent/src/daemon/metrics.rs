@@ -4,6 +4,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
 
@@ -52,6 +53,14 @@ pub struct Metrics {
     pub continuous_retained: Family<Db, Gauge>,
     pub continuous_without_identity: Family<Db, Gauge>,
     pub continuous_at_risk: Family<Db, Gauge>,
+    pub continuous_covered_until: Family<Db, FloatGauge>,
+    pub continuous_segments: Family<Db, Counter>,
+    pub continuous_capture_failures: Family<Db, Counter>,
+    pub continuous_lag: Family<Db, Histogram, fn() -> Histogram>,
+}
+
+fn lag_histogram() -> Histogram {
+    Histogram::new([1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0, 3600.0])
 }
 
 impl Metrics {
@@ -71,6 +80,10 @@ impl Metrics {
             continuous_retained: Family::default(),
             continuous_without_identity: Family::default(),
             continuous_at_risk: Family::default(),
+            continuous_covered_until: Family::default(),
+            continuous_segments: Family::default(),
+            continuous_capture_failures: Family::default(),
+            continuous_lag: Family::new_with_constructor(lag_histogram),
             registry: Registry::default(),
         };
         m.registry.register(
@@ -142,6 +155,26 @@ impl Metrics {
             "dr_continuous_at_risk",
             "1 while continuous capture is at risk (slot missing or invalidated, WAL retained above the threshold, tables without identity)",
             m.continuous_at_risk.clone(),
+        );
+        m.registry.register(
+            "dr_continuous_covered_until_timestamp_seconds",
+            "Every commit up to this time is stored in a committed change segment",
+            m.continuous_covered_until.clone(),
+        );
+        m.registry.register(
+            "dr_continuous_segments",
+            "Change segments committed",
+            m.continuous_segments.clone(),
+        );
+        m.registry.register(
+            "dr_continuous_capture_failures",
+            "Change captures that failed (the slot keeps the changes; the next one retries)",
+            m.continuous_capture_failures.clone(),
+        );
+        m.registry.register(
+            "dr_continuous_lag_seconds",
+            "From a segment's last commit on the source to the segment being durable in the repository",
+            m.continuous_lag.clone(),
         );
         m
     }

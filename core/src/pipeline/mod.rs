@@ -121,22 +121,64 @@ pub async fn encrypt_to_storage(
     opts: EncodeOptions,
     control: &Control,
 ) -> Result<Stored, PipelineError> {
+    let killer = source.kill_handle();
+    let recipients = recipients.clone();
+    let progress = control.progress.clone();
+    upload_encoded(
+        storage,
+        key,
+        control,
+        move |tx, part_size| {
+            encode_source(source, expect, tx, part_size, &recipients, opts, &progress)
+        },
+        move || killer.kill(),
+    )
+    .await
+}
+
+/// Streams chunks produced in the process (e.g. decoded changes) through zstd and age into
+/// the object `key`. The producer ends the stream by dropping its sender; an `Err` chunk
+/// fails it, and the upload is aborted as for a failed child.
+pub async fn encrypt_chunks_to_storage(
+    chunks: mpsc::Receiver<io::Result<Bytes>>,
+    storage: &dyn Storage,
+    key: &str,
+    recipients: &Recipients,
+    opts: EncodeOptions,
+    control: &Control,
+) -> Result<Stored, PipelineError> {
+    let recipients = recipients.clone();
+    let progress = control.progress.clone();
+    upload_encoded(
+        storage,
+        key,
+        control,
+        move |tx, part_size| encode_chunks(chunks, tx, part_size, &recipients, opts, &progress),
+        || {},
+    )
+    .await
+}
+
+/// The shared upload side: `encode` runs on a blocking thread and hands parts to the
+/// upload; `stop` ends the source at once when the upload fails or is cancelled.
+async fn upload_encoded(
+    storage: &dyn Storage,
+    key: &str,
+    control: &Control,
+    encode: impl FnOnce(mpsc::Sender<Bytes>, usize) -> Result<Stored, PipelineError> + Send + 'static,
+    stop: impl FnOnce(),
+) -> Result<Stored, PipelineError> {
     let mut upload = match storage.start_upload(key).await {
         Ok(u) => u,
         Err(e) => {
-            source.kill();
+            stop();
             return Err(e.into());
         }
     };
     // One queued part: enough to overlap encoding with the upload, little memory.
     let (tx, mut rx) = mpsc::channel::<Bytes>(1);
     let part_size = storage.part_size();
-    let recipients = recipients.clone();
-    let progress = control.progress.clone();
-    let killer = source.kill_handle();
-    let worker = tokio::task::spawn_blocking(move || {
-        encode_source(source, expect, tx, part_size, &recipients, opts, &progress)
-    });
+    let worker = tokio::task::spawn_blocking(move || encode(tx, part_size));
 
     let mut stopped = None;
     loop {
@@ -162,7 +204,7 @@ pub async fn encrypt_to_storage(
     // reads at once, even while zstd is still filling a job and hands off nothing.
     drop(rx);
     if stopped.is_some() {
-        killer.kill();
+        stop();
     }
     let encoded = worker.await.expect("encoding thread panicked");
 
@@ -178,6 +220,37 @@ pub async fn encrypt_to_storage(
         tracing::warn!(key, error = %e, "could not abort the upload; prune removes it later");
     }
     Err(failure)
+}
+
+fn encode_chunks(
+    mut chunks: mpsc::Receiver<io::Result<Bytes>>,
+    tx: mpsc::Sender<Bytes>,
+    part_size: usize,
+    recipients: &Recipients,
+    opts: EncodeOptions,
+    progress: &Progress,
+) -> Result<Stored, PipelineError> {
+    let sink = HashWriter::new(PartWriter::new(tx, part_size));
+    let mut enc = Encoder::new(sink, recipients, opts).map_err(PipelineError::Encode)?;
+    let mut raw = 0u64;
+    while let Some(chunk) = chunks.blocking_recv() {
+        let chunk = chunk.map_err(|source| PipelineError::Read {
+            program: "the change stream",
+            source,
+        })?;
+        raw += chunk.len() as u64;
+        progress
+            .raw_bytes
+            .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        enc.write_all(&chunk).map_err(write_error)?;
+    }
+    let (parts, sha256, stored_bytes) = enc.finish().map_err(write_error)?.finish();
+    parts.finish().map_err(write_error)?;
+    Ok(Stored {
+        raw_bytes: raw,
+        stored_bytes,
+        sha256,
+    })
 }
 
 /// Encrypts a small in-memory object (row counts, reports) through the same stages and
