@@ -79,21 +79,26 @@ pub async fn run(
     // With drills configured, a held snapshot lets the dump and exact row counts see the
     // same data; the counts run concurrently with the dump, on their own session.
     let mut row_counts_unavailable = None;
-    let held = match &db.drill {
-        Some(_) => match HeldSnapshot::open(&conn).await {
+    // Continuous capture needs the snapshot's position in the change stream, the same way.
+    let held = if db.drill.is_some() || db.continuous.is_some() {
+        match HeldSnapshot::open(&conn, db.continuous.is_some()).await {
             Ok(h) => Some(h),
             Err(e) => {
-                tracing::warn!(error = %e, "could not hold a snapshot for row counts; backing up without them");
-                row_counts_unavailable = Some(CountsUnavailable::from(&e).0);
+                tracing::warn!(error = %e, "could not hold a snapshot; backing up without row counts and without a base for continuous capture");
+                if db.drill.is_some() {
+                    row_counts_unavailable = Some(CountsUnavailable::from(&e).0);
+                }
                 None
             }
-        },
-        None => None,
+        }
+    } else {
+        None
     };
     let snapshot_id = held.as_ref().map(|s| s.id.clone());
-    let counting = match &held {
-        Some(h) => Some(h.start_counting(&conn).await),
-        None => None,
+    let continuous_base = held.as_ref().and_then(|h| h.base.clone());
+    let counting = match (&held, &db.drill) {
+        (Some(h), Some(_)) => Some(h.start_counting(&conn).await),
+        _ => None,
     };
 
     let storage = repo.storage();
@@ -231,6 +236,7 @@ pub async fn run(
         },
         objects,
         row_counts_unavailable,
+        continuous_base,
     };
     if let Err(e) = repo.commit(&manifest).await {
         discard(repo, &[&data_key, &globals_key, &counts_key]).await;

@@ -45,6 +45,21 @@ pub struct Manifest {
     /// never a table name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub row_counts_unavailable: Option<String>,
+    /// For a database with continuous capture: where the dump's snapshot sits in the change
+    /// stream, so a point-in-time restore applies exactly the transactions it does not see.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub continuous_base: Option<BaseSnapshot>,
+}
+
+/// The dump's snapshot as PostgreSQL describes it: transaction ids and a WAL position only.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BaseSnapshot {
+    /// `pg_current_snapshot()` in the dump's transaction (`xmin:xmax:xip,...`, 64-bit ids):
+    /// a transaction is in the dump exactly when this snapshot sees it.
+    pub snapshot: String,
+    /// `pg_current_wal_lsn()` read just before the snapshot was taken: every transaction the
+    /// snapshot does not see commits at or after it (give or take a commit in flight).
+    pub wal_lsn_before: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -228,6 +243,7 @@ mod tests {
             },
             objects: vec![],
             row_counts_unavailable: None,
+            continuous_base: None,
         }
     }
 

@@ -333,6 +333,7 @@ mod tests {
             },
             objects: vec![],
             row_counts_unavailable: None,
+            continuous_base: None,
         }
     }
 

@@ -1,4 +1,5 @@
-//! A held snapshot for `pg_dump --snapshot`, and the exact row counts taken in it.
+//! A held snapshot for `pg_dump --snapshot`, the exact row counts taken in it, and its
+//! position in the change stream (for continuous capture's point-in-time restore).
 //!
 //! The exporting session does nothing but hold the snapshot: it opens a repeatable-read
 //! transaction, exports its snapshot and waits, immune to role-level `lock_timeout`,
@@ -9,6 +10,7 @@
 
 use std::collections::BTreeMap;
 
+use crate::manifest::BaseSnapshot;
 use crate::pg::counts::{count_rows, RowCounts};
 use crate::pg::{Canceller, Connection, PgClient, PgError};
 
@@ -16,11 +18,25 @@ pub struct HeldSnapshot {
     client: PgClient,
     /// The exported snapshot id for `pg_dump --snapshot`.
     pub id: String,
+    /// Where the snapshot sits in the change stream, when asked for (continuous capture).
+    pub base: Option<BaseSnapshot>,
 }
 
 impl HeldSnapshot {
-    pub async fn open(conn: &Connection) -> Result<Self, PgError> {
+    /// Opens the snapshot; `with_base` also records its position in the change stream.
+    pub async fn open(conn: &Connection, with_base: bool) -> Result<Self, PgError> {
         let client = conn.connect("dr snapshot").await?;
+        // Before the snapshot exists: no transaction it misses can commit earlier than this.
+        let wal_lsn_before: Option<String> = if with_base {
+            Some(
+                client
+                    .query_one("SELECT pg_current_wal_lsn()::text", &[])
+                    .await?
+                    .get(0),
+            )
+        } else {
+            None
+        };
         client
             .execute(
                 "SET statement_timeout = 0; SET lock_timeout = 0; \
@@ -32,7 +48,21 @@ impl HeldSnapshot {
             .query_one("SELECT pg_export_snapshot()", &[])
             .await?
             .get(0);
-        Ok(HeldSnapshot { client, id })
+        let base = match wal_lsn_before {
+            Some(wal_lsn_before) => {
+                // In a repeatable-read transaction this is the snapshot just exported.
+                let snapshot: String = client
+                    .query_one("SELECT pg_current_snapshot()::text", &[])
+                    .await?
+                    .get(0);
+                Some(BaseSnapshot {
+                    snapshot,
+                    wal_lsn_before,
+                })
+            }
+            None => None,
+        };
+        Ok(HeldSnapshot { client, id, base })
     }
 
     /// Starts counting rows in this snapshot on a session of its own.

@@ -138,6 +138,7 @@ mod tests {
             },
             objects: vec![],
             row_counts_unavailable: None,
+            continuous_base: None,
         }
     }
 

@@ -208,6 +208,32 @@ fn setup_refuses_tables_without_identity_until_chosen_and_teardown_removes_every
     out.assert_success();
     assert!(out.stdout.contains("already set up"), "{}", out.stdout);
 
+    // A dump of a continuous database records where its snapshot sits in the change stream.
+    let id = Bed::dr(&config, &["backup", "--database", DB]).assert_one_backup_id();
+    let manifest: Value = serde_json::from_str(
+        &fs::read_to_string(
+            bed.tmp
+                .path()
+                .join(format!("repo/test/{DB}/backups/{id}/manifest.json")),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let base = &manifest["continuous_base"];
+    let snapshot = base["snapshot"].as_str().unwrap_or_default();
+    let parts: Vec<&str> = snapshot.split(':').collect();
+    assert!(
+        parts.len() == 3 && parts[0].parse::<u64>().is_ok() && parts[1].parse::<u64>().is_ok(),
+        "{manifest:#}"
+    );
+    assert!(
+        base["wal_lsn_before"]
+            .as_str()
+            .unwrap_or_default()
+            .contains('/'),
+        "{manifest:#}"
+    );
+
     let out = Bed::dr(
         &config,
         &["continuous", "teardown", "--database", DB, "--dry-run"],
@@ -472,6 +498,15 @@ fn agent_captures_segments_confirms_only_what_is_stored_and_alerts_on_risk() {
         "marker-during-outage"
     ));
     assert!(confirmed() > held);
+    // With a backup to apply them to, the segments are the recovery point: `dr status`
+    // counts the RPO from the newest covered commit time, not from the dump.
+    Bed::dr(&config, &["backup", "--database", DB]).assert_one_backup_id();
+    std::thread::sleep(Duration::from_secs(5));
+    let status = json(&Bed::dr(&config, &["status", "--json"]));
+    let row = &status[0];
+    assert!(row["changes_covered_until"].is_string(), "{status:#}");
+    assert!(row["rpo_seconds"].as_i64().unwrap() <= 3, "{status:#}");
+
     // Never confirmed beyond what a committed segment holds.
     let stored_up_to = segments(&repo)
         .iter()

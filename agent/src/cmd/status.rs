@@ -32,6 +32,11 @@ struct Row {
     database: String,
     last_backup_id: Option<String>,
     last_backup_at: Option<Timestamp>,
+    /// Continuous capture: every commit up to this time is in a stored change segment.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    changes_covered_until: Option<Timestamp>,
+    /// Age of the newest recovery point: the newest backup, or with continuous capture the
+    /// newest covered commit time (once a backup exists to apply the changes to).
     rpo_seconds: Option<i64>,
     rpo_objective_seconds: Option<i64>,
     /// `ok`, `breach`, `no_backup` or `no_objective`.
@@ -90,10 +95,19 @@ impl Args {
                 .flat_map(|s| s.cron.next_runs(&now.to_zoned(tz.clone()), 1))
                 .collect();
             next.sort();
+            let covered = match db.continuous {
+                Some(_) => dr_continuous::latest_segment(&repo, db.name.as_str())
+                    .await
+                    .ok()
+                    .flatten()
+                    .map(|m| m.covered_until),
+                None => None,
+            };
             let mut r = row(
                 config.environment.as_str(),
                 db.name.as_str(),
                 last,
+                covered,
                 objective,
                 now,
                 next.iter()
@@ -111,7 +125,7 @@ impl Args {
                 let other = Repository::new(dr_core::storage::open(&config.storage).await?, &env);
                 let listing = other.list(None).await?;
                 for (db, m) in newest_by_database(&listing.backups) {
-                    rows.push(row(&env, db, Some(m), None, now, vec![]));
+                    rows.push(row(&env, db, Some(m), None, None, now, vec![]));
                 }
             }
         }
@@ -134,7 +148,14 @@ impl Args {
                 table.add_row(vec![
                     r.environment.clone(),
                     r.database.clone(),
-                    r.last_backup_id.clone().unwrap_or_else(|| "-".into()),
+                    match (&r.last_backup_id, r.changes_covered_until) {
+                        (Some(id), Some(c)) => format!(
+                            "{id}\n+ changes to {}",
+                            c.to_zoned(tz.clone()).strftime("%Y-%m-%d %H:%M:%S")
+                        ),
+                        (Some(id), None) => id.clone(),
+                        (None, _) => "-".into(),
+                    },
                     r.rpo_seconds
                         .map(human_duration)
                         .unwrap_or_else(|| "-".into()),
@@ -158,11 +179,13 @@ fn row(
     environment: &str,
     database: &str,
     last: Option<&Manifest>,
+    covered: Option<Timestamp>,
     objective: Option<i64>,
     now: Timestamp,
     next_runs: Vec<String>,
 ) -> Row {
-    let rpo = last.map(|m| now.as_second() - m.started_at.as_second());
+    let point = last.map(|m| covered.map_or(m.started_at, |c| c.max(m.started_at)));
+    let rpo = point.map(|p| now.as_second() - p.as_second());
     let rpo_status = match (rpo, objective) {
         (None, _) => "no_backup",
         (Some(_), None) => "no_objective",
@@ -174,6 +197,7 @@ fn row(
         database: database.to_string(),
         last_backup_id: last.map(|m| m.id.to_string()),
         last_backup_at: last.map(|m| m.started_at),
+        changes_covered_until: covered,
         rpo_seconds: rpo,
         rpo_objective_seconds: objective,
         rpo_status,
