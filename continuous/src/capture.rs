@@ -35,6 +35,8 @@ use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
+use crate::decode::Message;
+
 pub const MAGIC: &[u8] = b"DRCHANGES1\n";
 pub const SEGMENT_FORMAT: u32 = 1;
 pub const DATA_OBJECT: &str = "changes.zst.age";
@@ -44,9 +46,6 @@ pub const MANIFEST: &str = "manifest.json";
 /// moment before its WAL record is written, so a commit stamped just before `upto` was read
 /// may still land after it.
 const COVER_MARGIN: &str = "1 second";
-
-/// Microseconds from the Unix epoch to PostgreSQL's (2000-01-01).
-const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
@@ -86,6 +85,9 @@ pub struct SegmentManifest {
     pub transactions: u64,
     pub messages: u64,
     pub object: SegmentObject,
+    /// The age recipients the object is encrypted to, named when a key does not match.
+    #[serde(default)]
+    pub recipients: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -124,6 +126,14 @@ pub async fn capture_segment(
         .map_or(64, |c| c.segment_max_mib)
         .saturating_mul(1024 * 1024);
     let client = conn.connect("dr continuous capture").await?;
+    // pgoutput writes values with this session's output settings: fix them, so a restore
+    // reads them back the same whatever the role's or server's defaults.
+    client
+        .execute(
+            "SET DateStyle = 'ISO, YMD'; SET IntervalStyle = 'postgres'; SET TimeZone = 'UTC'; \
+             SET extra_float_digits = 3; SET bytea_output = 'hex'",
+        )
+        .await?;
     let version = client.server_version().await?;
     let rows = client
         .query(
@@ -204,6 +214,7 @@ pub async fn capture_segment(
             stored_bytes: stored.stored_bytes,
             sha256: stored.sha256,
         },
+        recipients: target.recipients.to_strings(),
     };
     let json = serde_json::to_vec_pretty(&manifest).expect("a manifest serializes");
     target
@@ -295,18 +306,21 @@ async fn read_changes_inner(
         raw += 13 + data.len() as u64;
         read.messages += 1;
         let mut commit_end = None;
-        match data.first() {
-            Some(b'B') if data.len() >= 21 => {
-                let at = pg_timestamp(i64::from_be_bytes(data[9..17].try_into().expect("8")));
-                read.first_commit_at = read.first_commit_at.or(at);
+        if matches!(data.first(), Some(b'B') | Some(b'C')) {
+            match crate::decode::parse(data) {
+                Ok(Message::Begin { commit_at, .. }) => {
+                    read.first_commit_at = read.first_commit_at.or(commit_at);
+                }
+                Ok(Message::Commit {
+                    end_lsn, commit_at, ..
+                }) => {
+                    read.transactions += 1;
+                    read.last_commit_at = commit_at;
+                    commit_end = Some(end_lsn);
+                }
+                Ok(_) => {}
+                Err(e) => return Err(CaptureError::BadRow(e.to_string())),
             }
-            Some(b'C') if data.len() >= 26 => {
-                read.transactions += 1;
-                read.last_commit_at =
-                    pg_timestamp(i64::from_be_bytes(data[18..26].try_into().expect("8")));
-                commit_end = Some(u64::from_be_bytes(data[10..18].try_into().expect("8")));
-            }
-            _ => {}
         }
         if frame.len() >= 256 * 1024 || commit_end.is_some() {
             send(frame.split().freeze()).await?;
@@ -363,10 +377,6 @@ fn hex_lsn(lsn: u64) -> String {
     format!("{lsn:016X}")
 }
 
-fn pg_timestamp(micros_since_2000: i64) -> Option<Timestamp> {
-    Timestamp::from_microsecond(micros_since_2000.checked_add(PG_EPOCH_OFFSET_MICROS)?).ok()
-}
-
 /// The newest committed segment of a database, if any (manifests only; no key needed).
 pub async fn latest_segment(
     repo: &Repository,
@@ -408,13 +418,5 @@ mod tests {
         assert_eq!(parse_lsn("0/0"), Some(0));
         assert_eq!(parse_lsn("nonsense"), None);
         assert!(hex_lsn(0x1_0000_0000) > hex_lsn(0xFFFF_FFFF));
-    }
-
-    #[test]
-    fn postgres_timestamps_convert() {
-        assert_eq!(
-            pg_timestamp(0).unwrap(),
-            "2000-01-01T00:00:00Z".parse::<Timestamp>().unwrap()
-        );
     }
 }

@@ -60,6 +60,9 @@ pub struct BaseSnapshot {
     /// `pg_current_wal_lsn()` read just before the snapshot was taken: every transaction the
     /// snapshot does not see commits at or after it (give or take a commit in flight).
     pub wal_lsn_before: String,
+    /// A server time just after the snapshot was taken: the base holds no commit after it,
+    /// so it serves every point in time from here on.
+    pub snapshot_taken_at: Timestamp,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -51,13 +51,15 @@ impl HeldSnapshot {
         let base = match wal_lsn_before {
             Some(wal_lsn_before) => {
                 // In a repeatable-read transaction this is the snapshot just exported.
-                let snapshot: String = client
-                    .query_one("SELECT pg_current_snapshot()::text", &[])
-                    .await?
-                    .get(0);
+                let row = client
+                    .query_one("SELECT pg_current_snapshot()::text, clock_timestamp()", &[])
+                    .await?;
+                let taken: std::time::SystemTime = row.get(1);
                 Some(BaseSnapshot {
-                    snapshot,
+                    snapshot: row.get(0),
                     wal_lsn_before,
+                    snapshot_taken_at: jiff::Timestamp::try_from(taken)
+                        .unwrap_or_else(|_| jiff::Timestamp::now()),
                 })
             }
             None => None,

@@ -1,0 +1,545 @@
+//! Point-in-time restore: the newest base dump whose snapshot is at or before the target
+//! time (restored by the caller through the verified restore path), then every transaction
+//! that snapshot does not see, committed at or before the target time, in commit order, each
+//! in its own transaction, then the sequences.
+//!
+//! Everything is checked before the target is touched: a time the change stream does not
+//! reach, a time before the oldest base, a gap between the base and the segments.
+
+use std::io::{BufReader, Seek, SeekFrom};
+use std::path::Path;
+use std::sync::Arc;
+
+use dr_core::keys::Identities;
+use dr_core::manifest::Manifest;
+use dr_core::pg::{Connection, PgClient, PgError};
+use dr_core::pipeline::decode::{self, Expected};
+use dr_core::pipeline::Progress;
+use dr_core::repo::Repository;
+use dr_core::storage::StorageError;
+use jiff::Timestamp;
+use serde::Serialize;
+use tokio_util::io::SyncIoBridge;
+
+use crate::capture::{lsn_text, parse_lsn, segment_dir, SegmentManifest, MANIFEST};
+use crate::decode::{DecodeError, Frame, Frames, Message, Replayer};
+
+/// Statements are sent to the target in batches of about this many bytes.
+const BATCH_BYTES: usize = 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PitrError {
+    #[error("database `{database}` has no change segments: continuous capture has not stored anything yet (is the agent running with [databases.continuous]?)")]
+    NoSegments { database: String },
+    #[error("changes of `{database}` are stored up to {covered_until}; {to} is later. Choose a time at or before it, or --to-time latest")]
+    NotCovered {
+        database: String,
+        to: Timestamp,
+        covered_until: Timestamp,
+    },
+    #[error("no backup of `{database}` can serve {to}: {why}")]
+    NoBase {
+        database: String,
+        to: Timestamp,
+        why: String,
+    },
+    #[error("the change segments of `{database}` do not connect to backup {base}: {why}. Choose a time after a later backup (see `dr list`)")]
+    Gap {
+        database: String,
+        base: String,
+        why: String,
+    },
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("change segment {segment}: {source}")]
+    Segment {
+        segment: String,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("applying the transaction committed at {commit_at} (LSN {lsn}) failed: {message}. The target holds the base plus every transaction before it")]
+    Apply {
+        commit_at: String,
+        lsn: String,
+        message: String,
+    },
+    #[error(transparent)]
+    Pg(#[from] PgError),
+}
+
+/// What a point-in-time restore will use, decided before anything is changed.
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    pub database: String,
+    pub to: Timestamp,
+    pub base_id: String,
+    pub base_snapshot_at: Timestamp,
+    #[serde(skip)]
+    pub base: Manifest,
+    /// In commit order; the last one covers `to`.
+    pub segments: Vec<SegmentManifest>,
+}
+
+/// `--to-time`: a moment, or the newest covered one.
+#[derive(Debug, Clone, Copy)]
+pub enum ToTime {
+    Latest,
+    At(Timestamp),
+}
+
+/// Every committed segment of a database, in stream order.
+pub async fn list_segments(
+    repo: &Repository,
+    database: &str,
+) -> Result<Vec<SegmentManifest>, StorageError> {
+    let prefix = format!("{}/{database}/changes/", repo.environment());
+    let keys: Vec<String> = repo
+        .storage()
+        .list(&prefix)
+        .await?
+        .into_iter()
+        .map(|o| o.key)
+        .filter(|k| k.ends_with(&format!("/{MANIFEST}")))
+        .collect();
+    let mut segments = Vec::with_capacity(keys.len());
+    for key in keys {
+        let bytes = repo.storage().get(&key).await?;
+        match serde_json::from_slice::<SegmentManifest>(&bytes) {
+            Ok(m) => segments.push(m),
+            Err(e) => {
+                tracing::error!(key, error = %e, "unreadable change-segment manifest; skipped")
+            }
+        }
+    }
+    segments.sort_by_key(|m| {
+        (
+            parse_lsn(&m.start_lsn).unwrap_or(0),
+            parse_lsn(&m.end_lsn).unwrap_or(0),
+        )
+    });
+    Ok(segments)
+}
+
+/// Chooses the base and the segments for `to`, or says why no restore can reach it.
+pub fn plan(
+    database: &str,
+    backups: &[Manifest],
+    segments: Vec<SegmentManifest>,
+    to: ToTime,
+) -> Result<Plan, PitrError> {
+    let covered_until = segments
+        .iter()
+        .map(|s| s.covered_until)
+        .max()
+        .ok_or_else(|| PitrError::NoSegments {
+            database: database.to_string(),
+        })?;
+    let to = match to {
+        ToTime::Latest => covered_until,
+        ToTime::At(t) if t > covered_until => {
+            return Err(PitrError::NotCovered {
+                database: database.to_string(),
+                to: t,
+                covered_until,
+            })
+        }
+        ToTime::At(t) => t,
+    };
+    let bases: Vec<&Manifest> = backups
+        .iter()
+        .filter(|m| m.database == database && m.continuous_base.is_some())
+        .collect();
+    let base = bases
+        .iter()
+        .filter(|m| m.continuous_base.as_ref().is_some_and(|b| b.snapshot_taken_at <= to))
+        .max_by_key(|m| m.continuous_base.as_ref().map(|b| b.snapshot_taken_at))
+        .ok_or_else(|| PitrError::NoBase {
+            database: database.to_string(),
+            to,
+            why: match bases
+                .iter()
+                .filter_map(|m| m.continuous_base.as_ref().map(|b| b.snapshot_taken_at))
+                .min()
+            {
+                Some(oldest) => format!(
+                    "the oldest backup taken with continuous capture has its snapshot at {oldest}; choose a time after it"
+                ),
+                None => "no backup was taken since continuous capture was set up (run `dr backup`; its snapshot becomes the first base)".to_string(),
+            },
+        })?;
+    let info = base.continuous_base.as_ref().expect("filtered above");
+    let from = parse_lsn(&info.wal_lsn_before).unwrap_or(0);
+
+    // From the last segment ending at or before the base (a commit in flight when the
+    // snapshot was taken can sit there) up to the first covering `to`.
+    let first = segments
+        .iter()
+        .rposition(|s| parse_lsn(&s.end_lsn).unwrap_or(0) <= from)
+        .unwrap_or(0);
+    let last = segments
+        .iter()
+        .position(|s| s.covered_until >= to)
+        .expect("covered_until >= to for the newest");
+    let chosen: Vec<SegmentManifest> = segments[first..=last.max(first)].to_vec();
+    let gap = |why: String| PitrError::Gap {
+        database: database.to_string(),
+        base: base.id.to_string(),
+        why,
+    };
+    let start = parse_lsn(&chosen[0].start_lsn).unwrap_or(u64::MAX);
+    if start > from {
+        return Err(gap(format!(
+            "the oldest stored changes start at LSN {}, after the base's snapshot at {} (the slot was set up again, or segments were deleted)",
+            chosen[0].start_lsn, info.wal_lsn_before
+        )));
+    }
+    let mut reached = 0u64;
+    for s in &chosen {
+        let (start, end) = (
+            parse_lsn(&s.start_lsn).unwrap_or(u64::MAX),
+            parse_lsn(&s.end_lsn).unwrap_or(0),
+        );
+        if reached != 0 && start > reached {
+            return Err(gap(format!(
+                "no stored segment holds the changes between LSN {} and {}",
+                lsn_text(reached),
+                s.start_lsn
+            )));
+        }
+        reached = reached.max(end);
+    }
+    Ok(Plan {
+        database: database.to_string(),
+        to,
+        base_id: base.id.to_string(),
+        base_snapshot_at: info.snapshot_taken_at,
+        base: (*base).clone(),
+        segments: chosen,
+    })
+}
+
+/// The base snapshot: which transaction ids it sees.
+struct Visibility {
+    xmin: u64,
+    xmax: u64,
+    running: Vec<u64>,
+}
+
+impl Visibility {
+    fn parse(text: &str) -> Option<Visibility> {
+        let mut parts = text.split(':');
+        let xmin = parts.next()?.parse().ok()?;
+        let xmax = parts.next()?.parse().ok()?;
+        let running = parts
+            .next()?
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(|s| s.parse().ok())
+            .collect::<Option<Vec<u64>>>()?;
+        Some(Visibility {
+            xmin,
+            xmax,
+            running,
+        })
+    }
+
+    /// Whether the base already holds the transaction with this (32-bit) id: its 64-bit
+    /// id is the one nearest the snapshot's xmax.
+    fn sees(&self, xid: u32) -> bool {
+        let epoch = self.xmax >> 32;
+        let mut full = (epoch << 32) | u64::from(xid);
+        if full > self.xmax.saturating_add(1 << 31) && full >= 1 << 32 {
+            full -= 1 << 32;
+        } else if full + (1 << 31) < self.xmax {
+            full += 1 << 32;
+        }
+        full < self.xmin || (full < self.xmax && !self.running.contains(&full))
+    }
+}
+
+/// What the replay did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Applied {
+    /// Transactions replayed onto the base.
+    pub transactions: u64,
+    /// Transactions in the segments the base already holds.
+    pub already_in_base: u64,
+    /// Transactions stored twice (a segment read again after a crash), replayed once.
+    pub duplicates: u64,
+    /// The recovery point reached: the last replayed commit.
+    pub reached_commit_at: Option<Timestamp>,
+    pub reached_lsn: Option<String>,
+    pub sequences_set: u64,
+    pub seconds: f64,
+}
+
+/// Replays the plan's changes onto `target`, which holds the restored base.
+pub async fn apply(
+    repo: &Repository,
+    identities: Arc<Identities>,
+    plan: &Plan,
+    target: &Connection,
+    staging_dir: &Path,
+) -> Result<Applied, PitrError> {
+    let clock = std::time::Instant::now();
+    let info = plan.base.continuous_base.as_ref().expect("a base");
+    let visibility = Visibility::parse(&info.snapshot).ok_or_else(|| PitrError::Gap {
+        database: plan.database.clone(),
+        base: plan.base_id.clone(),
+        why: format!("its recorded snapshot `{}` cannot be read", info.snapshot),
+    })?;
+    let client = target.connect("dr point-in-time restore").await?;
+    client
+        .execute("SET DateStyle = 'ISO, YMD'; SET IntervalStyle = 'postgres'; SET TimeZone = 'UTC'")
+        .await?;
+    // As a subscriber does: the target's triggers and rules already ran on the source.
+    if let Err(e) = client
+        .execute("SET session_replication_role = replica")
+        .await
+    {
+        tracing::warn!(error = %e, "cannot set session_replication_role = replica; the target's triggers fire while changes are replayed");
+    }
+
+    let mut state = Replay {
+        replayer: Replayer::default(),
+        applied: Applied::default(),
+        last_commit_lsn: 0,
+        current: None,
+        batch: String::new(),
+        stopped: false,
+        sequences: None,
+    };
+    for segment in &plan.segments {
+        let file = fetch_segment(repo, identities.clone(), segment, staging_dir).await?;
+        let seg_err = |source: Box<dyn std::error::Error + Send + Sync>| PitrError::Segment {
+            segment: segment.id.clone(),
+            source,
+        };
+        let mut frames = Frames::new(BufReader::new(file));
+        loop {
+            let frame = frames.next_frame().map_err(|e| seg_err(Box::new(e)))?;
+            let Some(frame) = frame else { break };
+            match frame {
+                Frame::Message { data, .. } => {
+                    let message = crate::decode::parse(&data).map_err(|e| seg_err(Box::new(e)))?;
+                    state
+                        .message(&client, &visibility, plan.to, message)
+                        .await
+                        .map_err(|e| match e {
+                            Step::Decode(e) => seg_err(Box::new(e)),
+                            Step::Apply(e) => e,
+                        })?;
+                }
+                Frame::Sequences(values) => state.sequences = Some(values),
+            }
+        }
+        if segment.covered_until >= plan.to {
+            break;
+        }
+    }
+    if let Some(values) = state.sequences.take() {
+        state.applied.sequences_set = set_sequences(&client, &values).await;
+    }
+    state.applied.seconds = clock.elapsed().as_secs_f64();
+    Ok(state.applied)
+}
+
+enum Step {
+    Decode(DecodeError),
+    Apply(PitrError),
+}
+
+/// The transaction being replayed.
+struct Current {
+    commit_lsn: u64,
+    commit_at: Option<Timestamp>,
+    /// Replayed (else skipped: in the base, or a duplicate).
+    replay: bool,
+}
+
+struct Replay {
+    replayer: Replayer,
+    applied: Applied,
+    last_commit_lsn: u64,
+    current: Option<Current>,
+    batch: String,
+    /// A commit after the target time was met: nothing more is replayed.
+    stopped: bool,
+    /// The values stored with the last segment read.
+    sequences: Option<Vec<(String, Option<i64>)>>,
+}
+
+impl Replay {
+    async fn message(
+        &mut self,
+        client: &PgClient,
+        visibility: &Visibility,
+        to: Timestamp,
+        message: Message,
+    ) -> Result<(), Step> {
+        if self.stopped {
+            return Ok(());
+        }
+        match &message {
+            Message::Begin {
+                final_lsn,
+                xid,
+                commit_at,
+            } => {
+                if commit_at.is_some_and(|t| t > to) {
+                    self.stopped = true;
+                    return Ok(());
+                }
+                let in_base = visibility.sees(*xid);
+                // Commit order is LSN order: one already replayed was stored twice.
+                let duplicate = !in_base && *final_lsn <= self.last_commit_lsn;
+                if in_base {
+                    self.applied.already_in_base += 1;
+                } else if duplicate {
+                    self.applied.duplicates += 1;
+                } else {
+                    self.batch.push_str("BEGIN;\n");
+                }
+                self.current = Some(Current {
+                    commit_lsn: *final_lsn,
+                    commit_at: *commit_at,
+                    replay: !in_base && !duplicate,
+                });
+                Ok(())
+            }
+            Message::Commit { commit_lsn, .. } => {
+                let Some(current) = self.current.take() else {
+                    return Ok(());
+                };
+                if !current.replay {
+                    return Ok(());
+                }
+                self.batch.push_str("COMMIT;\n");
+                self.flush(client, &current).await?;
+                self.last_commit_lsn = *commit_lsn;
+                self.applied.transactions += 1;
+                self.applied.reached_commit_at = current.commit_at;
+                self.applied.reached_lsn = Some(lsn_text(*commit_lsn));
+                Ok(())
+            }
+            _ => {
+                let sql = self.replayer.sql(&message).map_err(Step::Decode)?;
+                let replaying = self.current.as_ref().is_some_and(|c| c.replay);
+                if let (Some(sql), true) = (sql, replaying) {
+                    self.batch.push_str(&sql);
+                    self.batch.push_str(";\n");
+                    if self.batch.len() >= BATCH_BYTES {
+                        let current = self.current.take().expect("in a transaction");
+                        let result = self.flush(client, &current).await;
+                        self.current = Some(current);
+                        result?;
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Sends the statements batched so far (they run inside the open transaction).
+    async fn flush(&mut self, client: &PgClient, current: &Current) -> Result<(), Step> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        let sql = std::mem::take(&mut self.batch);
+        if let Err(e) = client.execute(&sql).await {
+            let _ = client.execute("ROLLBACK").await;
+            return Err(Step::Apply(PitrError::Apply {
+                commit_at: current
+                    .commit_at
+                    .map(|t| t.to_string())
+                    .unwrap_or_else(|| "?".into()),
+                lsn: lsn_text(current.commit_lsn),
+                message: match e {
+                    PgError::Query { message, .. } => message,
+                    other => other.to_string(),
+                },
+            }));
+        }
+        Ok(())
+    }
+}
+
+/// Sets every sequence to at least its stored value (sampled after the target time, so
+/// never below what the replayed rows used). Missing sequences are skipped with a warning.
+async fn set_sequences(client: &PgClient, values: &[(String, Option<i64>)]) -> u64 {
+    let mut set = 0;
+    for (name, value) in values {
+        let Some(value) = value else { continue };
+        match client
+            .query("SELECT setval($1::text::regclass, $2, true)", &[name, value])
+            .await
+        {
+            Ok(_) => set += 1,
+            Err(e) => {
+                tracing::warn!(error = %e, "a sequence could not be set (it may not exist in the base)")
+            }
+        }
+    }
+    set
+}
+
+/// Downloads, verifies and decodes one segment into an anonymous temporary file.
+async fn fetch_segment(
+    repo: &Repository,
+    identities: Arc<Identities>,
+    segment: &SegmentManifest,
+    staging_dir: &Path,
+) -> Result<std::fs::File, PitrError> {
+    let key = format!(
+        "{}/{}",
+        segment_dir(repo, &segment.database, &segment.id),
+        segment.object.name
+    );
+    let reader = repo.storage().open_read(&key).await?;
+    let expected = Expected {
+        stored_bytes: segment.object.stored_bytes,
+        sha256: segment.object.sha256.clone(),
+        recipients: segment.recipients.clone(),
+    };
+    let staging = staging_dir.to_path_buf();
+    let id = segment.id.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut file = tempfile::tempfile_in(&staging)?;
+        decode::decode(
+            SyncIoBridge::new(reader),
+            &identities,
+            &expected,
+            &mut file,
+            &Progress::default(),
+        )
+        .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)?;
+        file.seek(SeekFrom::Start(0))?;
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(file)
+    })
+    .await
+    .expect("decode thread panicked")
+    .map_err(|source| PitrError::Segment {
+        segment: id,
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_snapshot_sees_finished_transactions_only() {
+        let v = Visibility::parse("100:110:102,105").unwrap();
+        assert!(v.sees(99));
+        assert!(v.sees(101));
+        assert!(!v.sees(102));
+        assert!(!v.sees(105));
+        assert!(!v.sees(110));
+        assert!(!v.sees(4000));
+        // After a wraparound the 32-bit id maps into the snapshot's epoch.
+        let v = Visibility::parse("8589934590:8589934600:").unwrap();
+        assert!(v.sees(0xFFFF_FFF0)); // epoch 1, just before xmin
+        assert!(!v.sees(20)); // epoch 2, after xmax
+        assert!(Visibility::parse("nonsense").is_none());
+    }
+}
