@@ -217,6 +217,55 @@ pub fn plan(
     })
 }
 
+/// A span of time any moment of which `dr restore --to-time` can reach.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Window {
+    pub from: Timestamp,
+    pub to: Timestamp,
+}
+
+/// The restorable windows: from each base's snapshot to the last covered time its segments
+/// reach without a gap, merged where they overlap.
+pub fn windows(database: &str, backups: &[Manifest], segments: &[SegmentManifest]) -> Vec<Window> {
+    let lsn = |s: &str| parse_lsn(s).unwrap_or(0);
+    let mut out: Vec<Window> = Vec::new();
+    let mut bases: Vec<_> = backups
+        .iter()
+        .filter(|m| m.database == database)
+        .filter_map(|m| m.continuous_base.as_ref())
+        .collect();
+    bases.sort_by_key(|b| b.snapshot_taken_at);
+    for b in bases {
+        let from = lsn(&b.wal_lsn_before);
+        let first = segments
+            .iter()
+            .rposition(|s| lsn(&s.end_lsn) <= from)
+            .unwrap_or(0);
+        if segments.get(first).is_none_or(|s| lsn(&s.start_lsn) > from) {
+            continue;
+        }
+        let (mut reached, mut until) = (0u64, None);
+        for s in &segments[first..] {
+            if reached != 0 && lsn(&s.start_lsn) > reached {
+                break;
+            }
+            reached = reached.max(lsn(&s.end_lsn));
+            until = until.max(Some(s.covered_until));
+        }
+        let Some(to) = until.filter(|t| *t >= b.snapshot_taken_at) else {
+            continue;
+        };
+        match out.last_mut() {
+            Some(w) if b.snapshot_taken_at <= w.to => w.to = w.to.max(to),
+            _ => out.push(Window {
+                from: b.snapshot_taken_at,
+                to,
+            }),
+        }
+    }
+    out
+}
+
 /// The base snapshot: which transaction ids it sees.
 struct Visibility {
     xmin: u64,
@@ -470,7 +519,10 @@ async fn set_sequences(client: &PgClient, values: &[(String, Option<i64>)]) -> u
     for (name, value) in values {
         let Some(value) = value else { continue };
         match client
-            .query("SELECT setval($1::text::regclass, $2, true)", &[name, value])
+            .query(
+                "SELECT setval($1::text::regclass, $2, true)",
+                &[name, value],
+            )
             .await
         {
             Ok(_) => set += 1,

@@ -693,6 +693,32 @@ fn point_in_time_restore_is_exact_at_each_recorded_time() {
             "t"
         );
     }
+    // `dr list` and `dr status` name the window those times lie in.
+    let out = Bed::dr(&config, &["list", "--database", DB]);
+    out.assert_success();
+    assert!(
+        out.stdout.contains("`app`: any moment from "),
+        "{}",
+        out.stdout
+    );
+    let status = json(&Bed::dr(&config, &["status", "--json"]));
+    let windows = status[0]["restorable_windows"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(windows.len(), 1, "{status:#}");
+    let (from, to) = (
+        second(windows[0]["from"].as_str().unwrap()),
+        second(windows[0]["to"].as_str().unwrap()),
+    );
+    for (at, _) in &recorded {
+        assert!(
+            from <= second(at) && second(at) <= to,
+            "{at} outside {windows:?}"
+        );
+    }
+    assert!(second(&too_early) < from, "{too_early} inside {windows:?}");
+
     let out = restore("app_latest", "latest");
     out.assert_success();
     let summary = json(&out);

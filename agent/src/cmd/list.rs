@@ -121,6 +121,35 @@ impl Args {
             entries.len(),
             repo.storage().location()
         );
+        // Continuous capture: the spans any moment of which a restore can reach.
+        for db in &config.databases {
+            if db.continuous.is_none()
+                || self
+                    .database
+                    .as_deref()
+                    .is_some_and(|d| d != db.name.as_str())
+            {
+                continue;
+            }
+            let segments = dr_continuous::pitr::list_segments(&repo, db.name.as_str()).await?;
+            let windows =
+                dr_continuous::pitr::windows(db.name.as_str(), &listing.backups, &segments);
+            if windows.is_empty() {
+                println!(
+                    "`{}`: no point-in-time window yet (it needs a backup taken since `dr continuous setup`, and stored changes after it)",
+                    db.name
+                );
+            }
+            for w in windows {
+                println!(
+                    "`{}`: any moment from {} to {} (restore with `dr restore --database {} --to-time TIME --target URL --create`)",
+                    db.name,
+                    m_time(w.from, "%Y-%m-%d %H:%M:%S"),
+                    m_time(w.to, "%Y-%m-%d %H:%M:%S UTC"),
+                    db.name
+                );
+            }
+        }
         Ok(ExitCode::SUCCESS)
     }
 }

@@ -35,6 +35,9 @@ struct Row {
     /// Continuous capture: every commit up to this time is in a stored change segment.
     #[serde(skip_serializing_if = "Option::is_none")]
     changes_covered_until: Option<Timestamp>,
+    /// Continuous capture: the spans `dr restore --to-time` can reach.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    restorable_windows: Vec<dr_continuous::pitr::Window>,
     /// Age of the newest recovery point: the newest backup, or with continuous capture the
     /// newest covered commit time (once a backup exists to apply the changes to).
     rpo_seconds: Option<i64>,
@@ -95,14 +98,15 @@ impl Args {
                 .flat_map(|s| s.cron.next_runs(&now.to_zoned(tz.clone()), 1))
                 .collect();
             next.sort();
-            let covered = match db.continuous {
-                Some(_) => dr_continuous::latest_segment(&repo, db.name.as_str())
+            let segments = match db.continuous {
+                Some(_) => dr_continuous::pitr::list_segments(&repo, db.name.as_str())
                     .await
-                    .ok()
-                    .flatten()
-                    .map(|m| m.covered_until),
-                None => None,
+                    .unwrap_or_default(),
+                None => Vec::new(),
             };
+            let covered = segments.iter().map(|m| m.covered_until).max();
+            let windows =
+                dr_continuous::pitr::windows(db.name.as_str(), &listing.backups, &segments);
             let mut r = row(
                 config.environment.as_str(),
                 db.name.as_str(),
@@ -115,6 +119,7 @@ impl Args {
                     .collect(),
             );
             r.last_drill = last_drill(&repo, db.name.as_str()).await;
+            r.restorable_windows = windows;
             rows.push(r);
         }
         if self.all_environments {
@@ -198,6 +203,7 @@ fn row(
         last_backup_id: last.map(|m| m.id.to_string()),
         last_backup_at: last.map(|m| m.started_at),
         changes_covered_until: covered,
+        restorable_windows: Vec::new(),
         rpo_seconds: rpo,
         rpo_objective_seconds: objective,
         rpo_status,
