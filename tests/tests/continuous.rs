@@ -738,3 +738,96 @@ fn point_in_time_restore_is_exact_at_each_recorded_time() {
     );
     assert_eq!(exists, "0");
 }
+
+#[test]
+fn sigkill_during_capture_loses_nothing_and_replays_nothing_twice() {
+    let bed = Bed::new(PgCluster::start_logical());
+    bed.sql(
+        "CREATE TABLE accounts (id serial PRIMARY KEY, balance int, note text);
+         CREATE TABLE docs (id int PRIMARY KEY); CREATE TABLE events (at timestamptz, what text);
+         CREATE TABLE scratch (id int PRIMARY KEY);",
+    );
+    let port = free_port();
+    let config = bed.config_with(
+        "postgres",
+        bed.cluster.password(),
+        "segment_seconds = 1\nreplica_identity_full = [\"public.events\"]",
+        &format!("[agent]\nlisten = \"127.0.0.1:{port}\"\n"),
+    );
+    fs::create_dir(bed.tmp.path().join("staging")).unwrap();
+    Bed::dr(&config, &["continuous", "setup", "--database", DB]).assert_success();
+    Bed::dr(&config, &["backup", "--database", DB]).assert_one_backup_id();
+
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| writer(&bed.cluster, &stop));
+        for round in 0..4 {
+            let mut agent = Agent::start(Dr::new(&config), port);
+            std::thread::sleep(Duration::from_millis(900 + 300 * round));
+            agent.signal(libc::SIGKILL);
+            assert!(agent.wait_exit(Duration::from_secs(10)).is_some());
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    let expected = checksums(&bed.cluster, DB);
+    let final_time = server_now(&bed.cluster);
+    let second = |t: &str| t.get(..19).unwrap_or_default().to_string();
+    let agent = Agent::start(Dr::new(&config), port);
+    let covered = wait_until(Duration::from_secs(60), || {
+        segments(&bed.tmp.path().join("repo"))
+            .last()
+            .is_some_and(|m| {
+                second(m["covered_until"].as_str().unwrap_or_default()) > second(&final_time)
+            })
+    });
+    assert!(covered, "capture did not resume:\n{}", agent.log());
+    // A segment stored twice, as when the agent dies between storing a segment and
+    // confirming it: the restore must replay its transactions once.
+    let changes = bed.tmp.path().join("repo/test").join(DB).join("changes");
+    let busy = segments(&bed.tmp.path().join("repo"))
+        .into_iter()
+        .find(|m| m["transactions"].as_u64() > Some(5))
+        .expect("a segment with transactions");
+    let id = busy["id"].as_str().unwrap();
+    let copy = changes.join(format!("{id}-again"));
+    fs::create_dir(&copy).unwrap();
+    for file in ["changes.zst.age", "manifest.json"] {
+        fs::copy(changes.join(id).join(file), copy.join(file)).unwrap();
+    }
+    let manifest = fs::read_to_string(copy.join("manifest.json"))
+        .unwrap()
+        .replace(id, &format!("{id}-again"));
+    fs::write(copy.join("manifest.json"), manifest).unwrap();
+
+    let out = Dr::new(&config)
+        .env("PGPASSWORD", bed.cluster.password())
+        .args([
+            "restore",
+            "--database",
+            DB,
+            "--to-time",
+            "latest",
+            "--json",
+            "--create",
+        ])
+        .arg("--target")
+        .arg(bed.cluster.url("app_after_kills"))
+        .arg("--staging-dir")
+        .arg(bed.tmp.path().join("staging"))
+        .arg("--identity")
+        .arg(&bed.identity)
+        .run();
+    out.assert_success();
+    eprintln!("{}", out.stdout);
+    assert!(
+        json(&out)["replay"]["duplicates"].as_u64() > Some(5),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(checksums(&bed.cluster, "app_after_kills"), expected);
+    let rows = bed.cluster.psql(DB, "SELECT count(*) FROM accounts");
+    assert!(
+        rows.parse::<u32>().unwrap() > 10,
+        "the writer barely wrote: {rows}"
+    );
+}
