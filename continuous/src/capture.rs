@@ -42,6 +42,13 @@ pub const SEGMENT_FORMAT: u32 = 1;
 pub const DATA_OBJECT: &str = "changes.zst.age";
 pub const MANIFEST: &str = "manifest.json";
 
+/// The shape of every table logical decoding publishes; OIDs make the digest unguessable.
+const SCHEMA_DIGEST: &str = "SELECT md5(coalesce(string_agg(
+        format('%s.%s.%s.%s', c.oid, a.attnum, a.attname, a.atttypid), ',' ORDER BY c.oid, a.attnum), ''))
+     FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid
+     WHERE c.relkind IN ('r', 'p') AND c.relpersistence = 'p' AND c.oid >= 16384
+       AND a.attnum > 0 AND NOT a.attisdropped";
+
 /// Covered time stays this far behind the server's clock: a commit's timestamp is taken a
 /// moment before its WAL record is written, so a commit stamped just before `upto` was read
 /// may still land after it.
@@ -88,6 +95,15 @@ pub struct SegmentManifest {
     /// The age recipients the object is encrypted to, named when a key does not match.
     #[serde(default)]
     pub recipients: Vec<String>,
+    /// A digest of every published table's shape (OIDs, column numbers, names and types),
+    /// read with `end_lsn`: a hash, never the names.
+    #[serde(default)]
+    pub schema_digest: String,
+    /// The digest differs from the previous segment's: a schema change committed between
+    /// that segment's read and this one's. Changes after it cannot be replayed onto an older
+    /// base, so the agent takes a new backup at once.
+    #[serde(default)]
+    pub schema_changed: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -116,6 +132,7 @@ pub async fn capture_segment(
     db: &DatabaseConfig,
     conn: &Connection,
     target: &Target<'_>,
+    previous: Option<&SegmentManifest>,
 ) -> Result<SegmentManifest, CaptureError> {
     let (slot, publication) = db
         .continuous_names()
@@ -139,7 +156,7 @@ pub async fn capture_segment(
         .query(
             &format!(
                 "SELECT confirmed_flush_lsn::text, pg_current_wal_lsn()::text,
-                        clock_timestamp() - interval '{COVER_MARGIN}'
+                        clock_timestamp() - interval '{COVER_MARGIN}', ({SCHEMA_DIGEST})
                  FROM pg_replication_slots WHERE slot_name = $1"
             ),
             &[&slot.as_str()],
@@ -151,6 +168,9 @@ pub async fn capture_segment(
     let start: String = row.get(0);
     let upto: String = row.get(1);
     let now_covered: std::time::SystemTime = row.get(2);
+    let schema_digest: String = row.get(3);
+    // Compared with the previous segment's: a schema change committed between the two reads.
+    let schema_changed = previous.is_some_and(|p| p.schema_digest != schema_digest);
 
     let taken_at = Timestamp::now();
     let id = format!(
@@ -215,6 +235,8 @@ pub async fn capture_segment(
             sha256: stored.sha256,
         },
         recipients: target.recipients.to_strings(),
+        schema_digest,
+        schema_changed,
     };
     let json = serde_json::to_vec_pretty(&manifest).expect("a manifest serializes");
     target

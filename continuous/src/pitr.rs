@@ -49,6 +49,15 @@ pub enum PitrError {
         base: String,
         why: String,
     },
+    #[error("a schema change of `{database}` was captured between {from} and {until}; logical decoding does not carry it, so changes after it cannot be replayed onto backup {base}, taken before it. Reachable: any time up to {from}{after}")]
+    SchemaChange {
+        database: String,
+        base: String,
+        from: Timestamp,
+        until: Timestamp,
+        /// ", or from T (the backup taken after it)" when that backup exists.
+        after: String,
+    },
     #[error(transparent)]
     Storage(#[from] StorageError),
     #[error("change segment {segment}: {source}")]
@@ -207,6 +216,27 @@ pub fn plan(
         }
         reached = reached.max(end);
     }
+    if let Some((from, until)) =
+        schema_change_after(&segments, info.snapshot_taken_at).filter(|(from, _)| to > *from)
+    {
+        let after = bases
+            .iter()
+            .filter_map(|m| m.continuous_base.as_ref().map(|b| b.snapshot_taken_at))
+            .filter(|t| *t >= until)
+            .min()
+            .map(|t| format!(", or from {t} (the backup taken after it)"))
+            .unwrap_or_else(|| {
+                ", or after the next backup (the agent takes one when it sees a schema change)"
+                    .into()
+            });
+        return Err(PitrError::SchemaChange {
+            database: database.to_string(),
+            base: base.id.to_string(),
+            from,
+            until,
+            after,
+        });
+    }
     Ok(Plan {
         database: database.to_string(),
         to,
@@ -252,6 +282,11 @@ pub fn windows(database: &str, backups: &[Manifest], segments: &[SegmentManifest
             reached = reached.max(lsn(&s.end_lsn));
             until = until.max(Some(s.covered_until));
         }
+        // Changes after a schema change do not replay onto this base.
+        let until = match schema_change_after(segments, b.snapshot_taken_at) {
+            Some((from, _)) => until.map(|u| u.min(from)),
+            None => until,
+        };
         let Some(to) = until.filter(|t| *t >= b.snapshot_taken_at) else {
             continue;
         };
@@ -264,6 +299,19 @@ pub fn windows(database: &str, backups: &[Manifest], segments: &[SegmentManifest
         }
     }
     out
+}
+
+/// The first schema change a base taken at `snapshot_at` may not hold, as the span it
+/// committed in: from the previous segment's covered time to the changed segment's.
+fn schema_change_after(
+    segments: &[SegmentManifest],
+    snapshot_at: Timestamp,
+) -> Option<(Timestamp, Timestamp)> {
+    segments.windows(2).find_map(|pair| {
+        let (before, changed) = (&pair[0], &pair[1]);
+        (changed.schema_changed && changed.covered_until > snapshot_at)
+            .then_some((before.covered_until, changed.covered_until))
+    })
 }
 
 /// The base snapshot: which transaction ids it sees.

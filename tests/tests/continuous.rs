@@ -831,3 +831,91 @@ fn sigkill_during_capture_loses_nothing_and_replays_nothing_twice() {
         "the writer barely wrote: {rows}"
     );
 }
+
+#[test]
+fn a_column_added_mid_stream_takes_a_new_base_and_restores_on_either_side() {
+    let bed = Bed::new(PgCluster::start_logical());
+    bed.sql(
+        "CREATE TABLE accounts (id serial PRIMARY KEY, balance int, note text);
+         CREATE TABLE docs (id int PRIMARY KEY); CREATE TABLE events (at timestamptz, what text);
+         CREATE TABLE scratch (id int PRIMARY KEY);
+         INSERT INTO accounts (balance, note) SELECT g, 'seed' FROM generate_series(1, 20) g;",
+    );
+    let port = free_port();
+    let config = bed.config_with(
+        "postgres",
+        bed.cluster.password(),
+        "segment_seconds = 1\nreplica_identity_full = [\"public.events\"]",
+        &format!("[agent]\nlisten = \"127.0.0.1:{port}\"\n"),
+    );
+    fs::create_dir(bed.tmp.path().join("staging")).unwrap();
+    Bed::dr(&config, &["continuous", "setup", "--database", DB]).assert_success();
+    Bed::dr(&config, &["backup", "--database", DB]).assert_one_backup_id();
+    let agent = Agent::start(Dr::new(&config), port);
+    let backups = || Bed::dr(&config, &["list", "--database", DB, "--json"]);
+    let count = || json(&backups()).as_array().map_or(0, Vec::len);
+
+    bed.sql("UPDATE accounts SET balance = balance + 1 WHERE id <= 10");
+    let before_sums = checksums(&bed.cluster, DB);
+    let before = server_now(&bed.cluster);
+    // More than a segment and the 1 s cover margin before the change.
+    std::thread::sleep(Duration::from_millis(3000));
+    bed.sql("ALTER TABLE accounts ADD COLUMN extra int DEFAULT 7; INSERT INTO accounts (balance, note, extra) VALUES (100, 'after', 8)");
+    let right_after = server_now(&bed.cluster);
+    let new_base = wait_until(Duration::from_secs(30), || count() == 2);
+    assert!(
+        new_base,
+        "no backup after the schema change:\n{}",
+        agent.log()
+    );
+    assert!(
+        agent.log().contains("schema change captured"),
+        "{}",
+        agent.log()
+    );
+    bed.sql("UPDATE accounts SET extra = 9 WHERE note = 'after'; INSERT INTO accounts (balance, note, extra) VALUES (101, 'later', 10)");
+    let after_sums = checksums(&bed.cluster, DB);
+    let after = server_now(&bed.cluster);
+    let second = |t: &str| t.get(..19).unwrap_or_default().to_string();
+    let covered = wait_until(Duration::from_secs(60), || {
+        segments(&bed.tmp.path().join("repo"))
+            .last()
+            .is_some_and(|m| {
+                second(m["covered_until"].as_str().unwrap_or_default()) > second(&after)
+            })
+    });
+    assert!(covered, "{}", agent.log());
+
+    let restore = |name: &str, to: &str| {
+        Dr::new(&config)
+            .env("PGPASSWORD", bed.cluster.password())
+            .args(["restore", "--database", DB, "--to-time", to, "--create"])
+            .arg("--target")
+            .arg(bed.cluster.url(name))
+            .arg("--staging-dir")
+            .arg(bed.tmp.path().join("staging"))
+            .arg("--identity")
+            .arg(&bed.identity)
+            .run()
+    };
+    // Before the change: the first backup plus its changes.
+    restore("app_before", &before).assert_success();
+    assert_eq!(checksums(&bed.cluster, "app_before"), before_sums);
+    // After the new backup: that backup plus its changes, the new column included.
+    restore("app_after", &after).assert_success();
+    assert_eq!(checksums(&bed.cluster, "app_after"), after_sums);
+    // Between the change and the new backup: refused before anything is created, naming
+    // both reachable sides.
+    restore("app_between", &right_after).assert_failure_mentions(&[
+        "schema change",
+        "Reachable: any time up to",
+        "the backup taken after it",
+    ]);
+    assert_eq!(
+        bed.cluster.psql(
+            "postgres",
+            "SELECT count(*) FROM pg_database WHERE datname = 'app_between'"
+        ),
+        "0"
+    );
+}

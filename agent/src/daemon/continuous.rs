@@ -40,13 +40,17 @@ pub async fn watch_loop(shared: Arc<Shared>, name: String, stop: CancellationTok
         level: config.compression.level,
         threads: config.compression.threads,
     };
-    // The recovery point survives restarts: it comes back from the newest segment.
-    match capture::latest_segment(&shared.repo, &name).await {
-        Ok(Some(m)) => covered(&shared, &name, &m),
-        Ok(None) => {}
+    // The recovery point and the schema digest survive restarts: they come back from the
+    // newest segment.
+    let mut previous = match capture::latest_segment(&shared.repo, &name).await {
+        Ok(found) => found,
         Err(e) => {
-            tracing::warn!(database = %name, error = %e, "cannot read the newest change segment")
+            tracing::warn!(database = %name, error = %e, "cannot read the newest change segment");
+            None
         }
+    };
+    if let Some(m) = &previous {
+        covered(&shared, &name, m);
     }
     let mut slot_usable = true;
     loop {
@@ -59,10 +63,21 @@ pub async fn watch_loop(shared: Arc<Shared>, name: String, stop: CancellationTok
                 encode,
             };
             tokio::select! {
-                result = capture::capture_segment(db, conn, &target) => match result {
+                result = capture::capture_segment(db, conn, &target, previous.as_ref()) => match result {
                     Ok(segment) => {
                         covered(&shared, &name, &segment);
                         segment_metrics(&shared, &labels, &segment);
+                        if segment.schema_changed {
+                            tracing::warn!(database = %name, segment = %segment.id, "schema change captured: taking a new backup now, so changes after it can be restored");
+                            let (shared, db_name) = (shared.clone(), name.clone());
+                            tokio::spawn(async move {
+                                if let Some(db) = shared.config.database(&db_name) {
+                                    let classes = schema_change_classes(db);
+                                    super::job::run_job(&shared, db, super::job::Trigger::CatchUp(classes)).await;
+                                }
+                            });
+                        }
+                        previous = Some(segment);
                     }
                     Err(e) => {
                         capture_failing = true;
@@ -181,4 +196,15 @@ fn segment_metrics(
             .get_or_create(labels)
             .observe(lag.max(0.0));
     }
+}
+
+/// A backup taken for a schema change belongs to the database's shortest-kept class, so
+/// retention handles it like a scheduled one; without schedules it is `manual`.
+fn schema_change_classes(db: &dr_core::config::DatabaseConfig) -> Vec<String> {
+    let class = db
+        .schedules
+        .iter()
+        .min_by_key(|s| s.keep.to_std())
+        .map_or_else(|| "manual".to_string(), |s| s.class.to_string());
+    vec![class]
 }
