@@ -27,4 +27,6 @@ pub enum DrillError {
     Pg(#[from] dr_core::pg::PgError),
     #[error(transparent)]
     Storage(#[from] dr_core::storage::StorageError),
+    #[error(transparent)]
+    Replay(#[from] dr_continuous::pitr::PitrError),
 }

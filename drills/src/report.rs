@@ -40,6 +40,12 @@ pub struct DrillReport {
     /// Why the drill failed, as [`failure_summary`] words it: a category, counts and exit
     /// codes only.
     pub error: Option<String>,
+    /// Continuous capture: the moment the drill restored to (the newest stored change).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovery_point: Option<Timestamp>,
+    /// How old that moment was when the drill started: the RPO an incident would have had.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub achieved_rpo_seconds: Option<f64>,
 }
 
 fn representative() -> bool {
@@ -52,6 +58,9 @@ pub struct Stages {
     pub fetch: f64,
     pub decrypt_decompress: f64,
     pub restore: f64,
+    /// Continuous capture: replaying the changes after the backup, up to the latest.
+    #[serde(default)]
+    pub replay: f64,
     pub checks: f64,
 }
 
@@ -238,6 +247,9 @@ pub fn failure_summary(e: &DrillError) -> String {
         DrillError::Restore(R::Child(c)) => child_summary(c),
         DrillError::Restore(R::Cancelled) => "cancelled".into(),
         DrillError::Restore(_) => "the restore failed (see the log)".into(),
+        DrillError::Replay(_) => {
+            "replaying the captured changes onto the backup failed (see the log)".into()
+        }
     }
 }
 
@@ -342,6 +354,8 @@ mod tests {
             stages: Stages::default(),
             checks: vec![],
             error: None,
+            recovery_point: None,
+            achieved_rpo_seconds: None,
         }
     }
 

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
+use dr_continuous::pitr::{Plan, ToTime};
 use dr_core::config::{Config, DatabaseConfig, DrillDurability, DrillSample, DrillTarget};
 use dr_core::keys::Identities;
 use dr_core::manifest::{BackupId, Manifest, ObjectRole};
@@ -75,6 +76,8 @@ pub async fn run(
         stages: Stages::default(),
         checks: Vec::new(),
         error: None,
+        recovery_point: None,
+        achieved_rpo_seconds: None,
     };
     tracing::info!(drill = %id, database = %db.name, target = %r.target, "drill started");
     let outcome = attempt(repo, db, identities, cancel, &mut r, started).await;
@@ -115,12 +118,21 @@ async fn attempt(
 ) -> Result<(), DrillError> {
     let drill = db.drill.as_ref().expect("checked");
     let listing = repo.list(Some(db.name.as_str())).await?;
-    let m = pick(&listing.backups, drill.sample, drill.sample_size).ok_or_else(|| {
-        dr_restore::RestoreError::Select(dr_restore::select::SelectError::NoBackups {
-            database: db.name.to_string(),
-            place: repo.storage().location(),
-        })
-    })?;
+    // With continuous capture the drill restores to the newest stored change: the base the
+    // plan chooses, then the changes after it.
+    let plan = match &db.continuous {
+        Some(_) => continuous_plan(repo, db, &listing.backups).await,
+        None => None,
+    };
+    let m = match &plan {
+        Some(p) => p.base.clone(),
+        None => pick(&listing.backups, drill.sample, drill.sample_size).ok_or_else(|| {
+            dr_restore::RestoreError::Select(dr_restore::select::SelectError::NoBackups {
+                database: db.name.to_string(),
+                place: repo.storage().location(),
+            })
+        })?,
+    };
     r.backup_id = Some(m.id.to_string());
     r.backup_started_at = Some(m.started_at);
 
@@ -197,8 +209,9 @@ async fn attempt(
     });
 
     let checks_started = Instant::now();
-    let result = run_checks(repo, &m, db, identities, &scratch_target, r).await;
-    r.stages.checks = checks_started.elapsed().as_secs_f64();
+    let replay = plan.as_ref().map(|p| (p, &conn));
+    let result = run_checks(repo, &m, db, identities, &scratch_target, replay, r).await;
+    r.stages.checks = checks_started.elapsed().as_secs_f64() - r.stages.replay;
 
     match scratch {
         Scratch::Ephemeral(mut cluster) => {
@@ -214,6 +227,29 @@ async fn attempt(
         Scratch::Server => {}
     }
     result
+}
+
+/// The point-in-time plan to the newest stored change, or `None` (logged) when there is no
+/// usable base or change stream yet: the drill then restores the newest backup alone.
+async fn continuous_plan(
+    repo: &Repository,
+    db: &DatabaseConfig,
+    backups: &[Manifest],
+) -> Option<Plan> {
+    let segments = match dr_continuous::pitr::list_segments(repo, db.name.as_str()).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(database = %db.name, error = %e, "cannot list change segments; drilling the newest backup alone");
+            return None;
+        }
+    };
+    match dr_continuous::pitr::plan(db.name.as_str(), backups, segments, ToTime::Latest) {
+        Ok(plan) => Some(plan),
+        Err(e) => {
+            tracing::warn!(database = %db.name, error = %e, "no point-in-time drill possible; drilling the newest backup alone");
+            None
+        }
+    }
 }
 
 /// The newest backup, or a random one of the newest `n`.
@@ -274,6 +310,7 @@ async fn run_checks(
     db: &DatabaseConfig,
     identities: Arc<Identities>,
     target: &Arc<Target>,
+    replay: Option<(&Plan, &Connection)>,
     r: &mut DrillReport,
 ) -> Result<(), DrillError> {
     let drill = db.drill.as_ref().expect("checked");
@@ -292,7 +329,7 @@ async fn run_checks(
                 repo,
                 m,
                 entry,
-                identities,
+                identities.clone(),
                 Vec::new(),
                 &Default::default(),
                 &Default::default(),
@@ -347,6 +384,22 @@ async fn run_checks(
                 }
             });
         }
+    }
+    // The row counts proved the backup; now the changes after it, up to the newest.
+    if let Some((plan, conn)) = replay {
+        let replayed =
+            dr_continuous::pitr::apply(repo, identities, plan, conn, &std::env::temp_dir()).await?;
+        r.stages.replay = replayed.seconds;
+        r.recovery_point = Some(plan.to);
+        r.achieved_rpo_seconds = Some(r.started_at.duration_since(plan.to).as_secs_f64().max(0.0));
+        r.checks.push(Check {
+            name: "changes replayed".into(),
+            passed: true,
+            detail: format!(
+                "{} transaction(s) after the backup replayed, up to {}",
+                replayed.transactions, plan.to
+            ),
+        });
     }
     // The configured checks: each must return true.
     for (i, sql) in drill.checks.iter().enumerate() {

@@ -919,3 +919,69 @@ fn a_column_added_mid_stream_takes_a_new_base_and_restores_on_either_side() {
         "0"
     );
 }
+
+#[test]
+fn a_drill_of_a_continuous_database_restores_to_the_newest_change_and_reports_the_rpo() {
+    let bed = Bed::new(PgCluster::start_logical());
+    bed.sql("CREATE TABLE accounts (id serial PRIMARY KEY, note text)");
+    let port = free_port();
+    let drill = format!(
+        "segment_seconds = 1\n\n  [databases.drill]\n  target = \"{}\"\n  allow_same_server = true\n  checks = [\"SELECT count(*) = 1 FROM accounts WHERE note = 'after the backup'\"]\n",
+        bed.cluster.url("postgres")
+    );
+    let config = bed.config_with(
+        "postgres",
+        bed.cluster.password(),
+        &drill,
+        &format!("[agent]\nlisten = \"127.0.0.1:{port}\"\n"),
+    );
+    Bed::dr(&config, &["continuous", "setup", "--database", DB]).assert_success();
+    let id = Bed::dr(&config, &["backup", "--database", DB]).assert_one_backup_id();
+    let agent = Agent::start(Dr::new(&config), port);
+    bed.sql("INSERT INTO accounts (note) VALUES ('after the backup')");
+    let written = server_now(&bed.cluster);
+    let second = |t: &str| t.get(..19).unwrap_or_default().to_string();
+    let covered = wait_until(Duration::from_secs(60), || {
+        segments(&bed.tmp.path().join("repo"))
+            .last()
+            .is_some_and(|m| {
+                second(m["covered_until"].as_str().unwrap_or_default()) > second(&written)
+            })
+    });
+    assert!(covered, "{}", agent.log());
+
+    let out = Dr::new(&config)
+        .env("PGPASSWORD", bed.cluster.password())
+        .args(["drill", "--database", DB, "--json"])
+        .arg("--identity")
+        .arg(&bed.identity)
+        .run();
+    let report = json(&out);
+    let report = if report.is_array() {
+        report[0].clone()
+    } else {
+        report
+    };
+    assert_eq!(report["passed"], true, "{report:#}\n{}", out.stderr);
+    assert_eq!(report["backup_id"], id.as_str());
+    assert!(
+        report["recovery_point"]
+            .as_str()
+            .is_some_and(|p| second(p) >= second(&written)),
+        "{report:#}"
+    );
+    assert!(
+        report["achieved_rpo_seconds"]
+            .as_f64()
+            .is_some_and(|r| r < 30.0),
+        "{report:#}"
+    );
+    let replayed = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "changes replayed")
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(replayed["passed"], true, "{report:#}");
+}

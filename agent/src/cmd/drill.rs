@@ -133,10 +133,13 @@ pub fn print_report(r: &DrillReport) {
             "  note: RTO not representative: the ephemeral cluster ran with durability = \"off\" (no fsync, full_page_writes or synchronous_commit); a restore into a real server takes longer"
         );
     }
+    if let (Some(point), Some(rpo)) = (r.recovery_point, r.achieved_rpo_seconds) {
+        println!("  recovery point {point}: achieved RPO {rpo:.1} s (continuous capture)");
+    }
     let s = &r.stages;
     println!(
-        "  stages: prepare {:.1} s, fetch {:.1} s, decrypt+decompress {:.1} s, restore {:.1} s, checks {:.1} s",
-        s.prepare, s.fetch, s.decrypt_decompress, s.restore, s.checks
+        "  stages: prepare {:.1} s, fetch {:.1} s, decrypt+decompress {:.1} s, restore {:.1} s, replay {:.1} s, checks {:.1} s",
+        s.prepare, s.fetch, s.decrypt_decompress, s.restore, s.replay, s.checks
     );
     for c in &r.checks {
         println!(

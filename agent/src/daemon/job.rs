@@ -632,6 +632,13 @@ async fn run_drill(shared: &Arc<Shared>, db: &DatabaseConfig) {
                 .drill_rto
                 .get_or_create(&labels)
                 .set(r.rto_seconds);
+            if let Some(rpo) = r.achieved_rpo_seconds {
+                shared
+                    .metrics
+                    .drill_achieved_rpo
+                    .get_or_create(&labels)
+                    .set(rpo);
+            }
             if r.passed {
                 shared
                     .metrics

@@ -50,6 +50,7 @@ pub struct Metrics {
     pub drill_rto: Family<Db, FloatGauge>,
     pub rto_objective: Family<Db, FloatGauge>,
     pub drill_failures: Family<Db, Counter>,
+    pub drill_achieved_rpo: Family<Db, FloatGauge>,
     pub continuous_retained: Family<Db, Gauge>,
     pub continuous_without_identity: Family<Db, Gauge>,
     pub continuous_at_risk: Family<Db, Gauge>,
@@ -77,6 +78,7 @@ impl Metrics {
             drill_rto: Family::default(),
             rto_objective: Family::default(),
             drill_failures: Family::default(),
+            drill_achieved_rpo: Family::default(),
             continuous_retained: Family::default(),
             continuous_without_identity: Family::default(),
             continuous_at_risk: Family::default(),
@@ -140,6 +142,11 @@ impl Metrics {
             "dr_drill_failures",
             "Restore drills that failed",
             m.drill_failures.clone(),
+        );
+        m.registry.register(
+            "dr_drill_achieved_rpo_seconds",
+            "Continuous capture: age of the recovery point the last drill restored to, when it started",
+            m.drill_achieved_rpo.clone(),
         );
         m.registry.register(
             "dr_continuous_slot_retained_bytes",
