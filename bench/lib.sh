@@ -92,7 +92,7 @@ start_postgres() {
     pg_started=1
     # fsync=off: durability is irrelevant here and it makes loading the data much faster.
     "${as_pg[@]}" "$pg_bin/pg_ctl" -D "$tmp/pg/data" -l "$tmp/pg/log" -w -o \
-        "-p $port -k $tmp/pg -c listen_addresses=127.0.0.1 -c fsync=off -c shared_buffers=256MB" \
+        "-p $port -k $tmp/pg -c listen_addresses=127.0.0.1 -c fsync=off -c shared_buffers=256MB ${PG_OPTS:-}" \
         start >/dev/null
     db_url="postgres://postgres@127.0.0.1:$port/bench"
     "$pg_bin/psql" -X -q -h 127.0.0.1 -p "$port" -U postgres -c "create database bench"
