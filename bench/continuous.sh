@@ -120,7 +120,9 @@ TOML
     done
     caught_up=$(awk -v n="$(date -u +%s.%N)" -v e="$load_end" 'BEGIN { printf "%.0f", n - e }')
     local changes_b
-    changes_b=$(jq -s '[.[].transactions] | add' "$tmp"/repo/bench/bench/changes/*/manifest.json)
+    # Segments being written have no manifest yet: only committed ones count.
+    changes_b=$(find "$tmp/repo/bench/bench/changes" -name manifest.json -print0 |
+        xargs -0 jq -s '[.[].transactions] | add')
 
     log "c. pgbench at $RATE tps for ${RATE_SECONDS}s, capture on; sampling the agent"
     local ticks_before ticks_after hz

@@ -24,8 +24,10 @@ use tokio_util::io::SyncIoBridge;
 use crate::capture::{lsn_text, parse_lsn, segment_dir, SegmentManifest, MANIFEST};
 use crate::decode::{DecodeError, Frame, Frames, Message, Replayer};
 
-/// Statements are sent to the target in batches of about this many bytes.
+/// Statements go to the target in batches of about this many bytes or transactions: one
+/// round trip per transaction would make the replay as slow as the network's latency.
 const BATCH_BYTES: usize = 1024 * 1024;
+const BATCH_TRANSACTIONS: u64 = 500;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PitrError {
@@ -65,10 +67,10 @@ pub enum PitrError {
         segment: String,
         source: Box<dyn std::error::Error + Send + Sync>,
     },
-    #[error("applying the transaction committed at {commit_at} (LSN {lsn}) failed: {message}. The target holds the base plus every transaction before it")]
+    #[error("replaying the transactions committed from {first} to {last} failed: {message}. The target holds the base plus the transactions before the failing one, each whole")]
     Apply {
-        commit_at: String,
-        lsn: String,
+        first: String,
+        last: String,
         message: String,
     },
     #[error(transparent)]
@@ -385,8 +387,13 @@ pub async fn apply(
         why: format!("its recorded snapshot `{}` cannot be read", info.snapshot),
     })?;
     let client = target.connect("dr point-in-time restore").await?;
+    // A crash of the target mid-replay means replaying again anyway: no commit needs to
+    // wait for its WAL flush.
     client
-        .execute("SET DateStyle = 'ISO, YMD'; SET IntervalStyle = 'postgres'; SET TimeZone = 'UTC'")
+        .execute(
+            "SET DateStyle = 'ISO, YMD'; SET IntervalStyle = 'postgres'; SET TimeZone = 'UTC'; \
+             SET synchronous_commit = off",
+        )
         .await?;
     // As a subscriber does: the target's triggers and rules already ran on the source.
     if let Err(e) = client
@@ -402,6 +409,7 @@ pub async fn apply(
         last_commit_lsn: 0,
         current: None,
         batch: String::new(),
+        pending: Vec::new(),
         stopped: false,
         sequences: None,
     };
@@ -433,6 +441,13 @@ pub async fn apply(
             break;
         }
     }
+    state.flush(&client).await.map_err(|e| match e {
+        Step::Apply(e) => e,
+        Step::Decode(e) => PitrError::Segment {
+            segment: "?".into(),
+            source: Box::new(e),
+        },
+    })?;
     if let Some(values) = state.sequences.take() {
         state.applied.sequences_set = set_sequences(&client, &values).await;
     }
@@ -459,6 +474,8 @@ struct Replay {
     last_commit_lsn: u64,
     current: Option<Current>,
     batch: String,
+    /// Transactions whose COMMIT is in `batch`, not yet sent: (commit LSN, commit time).
+    pending: Vec<(u64, Option<Timestamp>)>,
     /// A commit after the target time was met: nothing more is replayed.
     stopped: bool,
     /// The values stored with the last segment read.
@@ -511,11 +528,13 @@ impl Replay {
                     return Ok(());
                 }
                 self.batch.push_str("COMMIT;\n");
-                self.flush(client, &current).await?;
                 self.last_commit_lsn = *commit_lsn;
-                self.applied.transactions += 1;
-                self.applied.reached_commit_at = current.commit_at;
-                self.applied.reached_lsn = Some(lsn_text(*commit_lsn));
+                self.pending.push((*commit_lsn, current.commit_at));
+                if self.batch.len() >= BATCH_BYTES
+                    || self.pending.len() as u64 >= BATCH_TRANSACTIONS
+                {
+                    self.flush(client).await?;
+                }
                 Ok(())
             }
             _ => {
@@ -525,10 +544,8 @@ impl Replay {
                     self.batch.push_str(&sql);
                     self.batch.push_str(";\n");
                     if self.batch.len() >= BATCH_BYTES {
-                        let current = self.current.take().expect("in a transaction");
-                        let result = self.flush(client, &current).await;
-                        self.current = Some(current);
-                        result?;
+                        // Inside a large transaction: it stays open on the target.
+                        self.flush(client).await?;
                     }
                 }
                 Ok(())
@@ -536,25 +553,41 @@ impl Replay {
         }
     }
 
-    /// Sends the statements batched so far (they run inside the open transaction).
-    async fn flush(&mut self, client: &PgClient, current: &Current) -> Result<(), Step> {
+    /// Sends the statements batched so far; the transactions committed in them count as
+    /// replayed once the server has run them all.
+    async fn flush(&mut self, client: &PgClient) -> Result<(), Step> {
         if self.batch.is_empty() {
             return Ok(());
         }
         let sql = std::mem::take(&mut self.batch);
+        let pending = std::mem::take(&mut self.pending);
         if let Err(e) = client.execute(&sql).await {
             let _ = client.execute("ROLLBACK").await;
+            let open = self.current.as_ref().map(|c| (c.commit_lsn, c.commit_at));
+            let span: Vec<_> = pending.iter().copied().chain(open).collect();
+            let describe = |t: Option<&(u64, Option<Timestamp>)>| {
+                t.map(|(lsn, at)| {
+                    format!(
+                        "{} (LSN {})",
+                        at.map(|a| a.to_string()).unwrap_or_else(|| "?".into()),
+                        lsn_text(*lsn)
+                    )
+                })
+                .unwrap_or_else(|| "?".into())
+            };
             return Err(Step::Apply(PitrError::Apply {
-                commit_at: current
-                    .commit_at
-                    .map(|t| t.to_string())
-                    .unwrap_or_else(|| "?".into()),
-                lsn: lsn_text(current.commit_lsn),
+                first: describe(span.first()),
+                last: describe(span.last()),
                 message: match e {
                     PgError::Query { message, .. } => message,
                     other => other.to_string(),
                 },
             }));
+        }
+        if let Some((lsn, at)) = pending.last() {
+            self.applied.transactions += pending.len() as u64;
+            self.applied.reached_commit_at = *at;
+            self.applied.reached_lsn = Some(lsn_text(*lsn));
         }
         Ok(())
     }

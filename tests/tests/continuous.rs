@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use dr_tests::{
     decrypt_to_bytes, encryption_toml, free_port, keygen, metric_value, wait_until, write_config,
-    Agent, Dr, DrOutput, PgCluster, Storage, WebhookReceiver,
+    Agent, Dr, DrOutput, Garage, PgCluster, Storage, WebhookReceiver,
 };
 use serde_json::Value;
 use tempfile::TempDir;
@@ -26,6 +26,8 @@ struct Bed {
     cluster: PgCluster,
     recipient: String,
     identity: PathBuf,
+    /// The repository: `file://` in the test directory unless a test points it at Garage.
+    storage: Storage,
 }
 
 impl Bed {
@@ -36,11 +38,13 @@ impl Bed {
             .expect("create test dir");
         let keys = keygen(tmp.path());
         cluster.create_db(DB);
+        let storage = Storage::File(tmp.path().join("repo"));
         Bed {
             tmp,
             cluster,
             recipient: keys.recipient,
             identity: keys.identity,
+            storage,
         }
     }
 
@@ -61,11 +65,7 @@ impl Bed {
                 "[[databases]]\nname = \"{DB}\"\nurl = \"{url}\"\npassword_file = \"{}\"\n  [databases.continuous]\n{continuous}\n\n{extra}",
                 secret.display()
             );
-        write_config(
-            self.tmp.path(),
-            &Storage::File(self.tmp.path().join("repo")),
-            &body,
-        )
+        write_config(self.tmp.path(), &self.storage, &body)
     }
 
     fn superuser_config(&self, continuous: &str) -> PathBuf {
@@ -984,4 +984,88 @@ fn a_drill_of_a_continuous_database_restores_to_the_newest_change_and_reports_th
         .cloned()
         .unwrap_or_default();
     assert_eq!(replayed["passed"], true, "{report:#}");
+}
+
+#[test]
+fn capture_into_s3_survives_a_killed_agent_and_a_store_outage() {
+    let mut bed = Bed::new(PgCluster::start_logical());
+    let mut garage = Garage::start();
+    bed.storage = Storage::garage(&garage, "continuous");
+    bed.sql(
+        "CREATE TABLE accounts (id serial PRIMARY KEY, balance int, note text);
+         CREATE TABLE docs (id int PRIMARY KEY); CREATE TABLE events (at timestamptz, what text);
+         CREATE TABLE scratch (id int PRIMARY KEY);",
+    );
+    let port = free_port();
+    let config = bed.config_with(
+        "postgres",
+        bed.cluster.password(),
+        "segment_seconds = 1\nreplica_identity_full = [\"public.events\"]",
+        &format!("[agent]\nlisten = \"127.0.0.1:{port}\"\n"),
+    );
+    fs::create_dir(bed.tmp.path().join("staging")).unwrap();
+    let env = garage.env();
+    let dr = || Dr::new(&config).envs(env.clone());
+    dr().args(["continuous", "setup", "--database", DB])
+        .run()
+        .assert_success();
+    dr().args(["backup", "--database", DB])
+        .run()
+        .assert_one_backup_id();
+
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let second = std::thread::scope(|s| {
+        s.spawn(|| writer(&bed.cluster, &stop));
+        let mut first = Agent::start(dr(), port);
+        std::thread::sleep(Duration::from_millis(1500));
+        first.signal(libc::SIGKILL);
+        assert!(first.wait_exit(Duration::from_secs(10)).is_some());
+        // The store goes away while the writer goes on; a new agent cannot store anything.
+        garage.stop();
+        let second = Agent::start(dr(), port);
+        let failing = wait_until(Duration::from_secs(30), || {
+            second.log().contains("change capture failed")
+        });
+        assert!(failing, "{}", second.log());
+        std::thread::sleep(Duration::from_secs(5));
+        garage.restart();
+        std::thread::sleep(Duration::from_secs(2));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        second
+    });
+    {
+        let expected = checksums(&bed.cluster, DB);
+        let final_time = server_now(&bed.cluster);
+        let second_of = |t: &str| t.get(..19).unwrap_or_default().to_string();
+        let covered = wait_until(Duration::from_secs(60), || {
+            let status = dr().args(["status", "--json"]).run();
+            serde_json::from_str::<Value>(&status.stdout)
+                .ok()
+                .and_then(|v| v[0]["changes_covered_until"].as_str().map(second_of))
+                .is_some_and(|c| c > second_of(&final_time))
+        });
+        assert!(covered, "capture did not catch up:\n{}", second.log());
+
+        let out = dr()
+            .env("PGPASSWORD", bed.cluster.password())
+            .args([
+                "restore",
+                "--database",
+                DB,
+                "--to-time",
+                "latest",
+                "--json",
+                "--create",
+            ])
+            .arg("--target")
+            .arg(bed.cluster.url("app_from_s3"))
+            .arg("--staging-dir")
+            .arg(bed.tmp.path().join("staging"))
+            .arg("--identity")
+            .arg(&bed.identity)
+            .run();
+        out.assert_success();
+        eprintln!("{}", out.stdout);
+        assert_eq!(checksums(&bed.cluster, "app_from_s3"), expected);
+    }
 }
