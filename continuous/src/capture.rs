@@ -50,8 +50,8 @@ const SCHEMA_DIGEST: &str = "SELECT md5(coalesce(string_agg(
        AND a.attnum > 0 AND NOT a.attisdropped";
 
 /// Covered time stays this far behind the server's clock: a commit's timestamp is taken a
-/// moment before its WAL record is written, so a commit stamped just before `upto` was read
-/// may still land after it.
+/// moment before its WAL record is inserted, so a commit stamped just before the flush
+/// barrier may still land after it.
 const COVER_MARGIN: &str = "1 second";
 
 #[derive(Debug, thiserror::Error)]
@@ -152,11 +152,28 @@ pub async fn capture_segment(
         )
         .await?;
     let version = client.server_version().await?;
+    // A flush barrier. Logical decoding reads only flushed WAL, and with asynchronous
+    // commit a transaction is visible before its commit record is flushed. This session's
+    // own (empty) commit, made synchronous, flushes every commit record written before it:
+    // every transaction that committed before `covered` is then at or below the flush
+    // position read next, which is what the slot is read up to and advanced to. (Reading
+    // the write or insert position instead would advance the slot past changes the read
+    // never returned.)
+    let covered: std::time::SystemTime = client
+        .query_one(
+            &format!("SELECT clock_timestamp() - interval '{COVER_MARGIN}'"),
+            &[],
+        )
+        .await?
+        .get(0);
+    client
+        .execute("BEGIN; SET LOCAL synchronous_commit = local; SELECT pg_current_xact_id(); COMMIT")
+        .await?;
     let rows = client
         .query(
             &format!(
-                "SELECT confirmed_flush_lsn::text, pg_current_wal_lsn()::text,
-                        clock_timestamp() - interval '{COVER_MARGIN}', ({SCHEMA_DIGEST})
+                "SELECT confirmed_flush_lsn::text, pg_current_wal_flush_lsn()::text,
+                        ({SCHEMA_DIGEST})
                  FROM pg_replication_slots WHERE slot_name = $1"
             ),
             &[&slot.as_str()],
@@ -167,8 +184,8 @@ pub async fn capture_segment(
         .ok_or_else(|| CaptureError::NoSlot(slot.to_string()))?;
     let start: String = row.get(0);
     let upto: String = row.get(1);
-    let now_covered: std::time::SystemTime = row.get(2);
-    let schema_digest: String = row.get(3);
+    let now_covered = covered;
+    let schema_digest: String = row.get(2);
     // Compared with the previous segment's: a schema change committed between the two reads.
     let schema_changed = previous.is_some_and(|p| p.schema_digest != schema_digest);
 

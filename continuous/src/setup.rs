@@ -630,6 +630,25 @@ pub async fn teardown(
     Ok(report)
 }
 
+/// Replaces a slot PostgreSQL invalidated (it lost WAL it needed) with a new one: a new
+/// chain of changes. The old slot can never be read again; what it had not delivered is lost,
+/// which restore reports as a gap until the next backup.
+pub async fn restart_chain(db: &DatabaseConfig, conn: &Connection) -> Result<(), SetupError> {
+    let (slot, _) = names(db)?;
+    let client = conn.connect("dr continuous new chain").await?;
+    if let Some(state) = slot_state(&client, &slot).await? {
+        if state.wal_status.as_deref() != Some("lost") {
+            return Ok(());
+        }
+        client
+            .query("SELECT pg_drop_replication_slot($1)", &[&slot.as_str()])
+            .await?;
+    }
+    create_slot(&client, db, &slot).await?;
+    tracing::warn!(database = %db.name, slot = %slot, "started a new chain: the invalidated slot was replaced");
+    Ok(())
+}
+
 /// A set-up slot's state, as the agent watches it.
 #[derive(Debug, Clone, Serialize)]
 pub struct Health {

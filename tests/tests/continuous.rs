@@ -1069,3 +1069,76 @@ fn capture_into_s3_survives_a_killed_agent_and_a_store_outage() {
         assert_eq!(checksums(&bed.cluster, "app_from_s3"), expected);
     }
 }
+
+#[test]
+fn an_invalidated_slot_is_replaced_by_a_new_chain_with_a_new_base() {
+    let bed = Bed::new(PgCluster::start_logical());
+    bed.sql("CREATE TABLE t (id bigint PRIMARY KEY, v text)");
+    bed.cluster.psql(
+        "postgres",
+        "ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'; ALTER SYSTEM SET max_wal_size = '32MB'; SELECT pg_reload_conf()",
+    );
+    let hook = WebhookReceiver::start();
+    let port = free_port();
+    let config = bed.config_with(
+        "postgres",
+        bed.cluster.password(),
+        "segment_seconds = 1",
+        &format!(
+            "[agent]\nlisten = \"127.0.0.1:{port}\"\n\n[[notify]]\nurl = \"{}\"\n",
+            hook.url("/hook")
+        ),
+    );
+    Bed::dr(&config, &["continuous", "setup", "--database", DB]).assert_success();
+    Bed::dr(&config, &["backup", "--database", DB]).assert_one_backup_id();
+    // Nothing consumes the slot: WAL beyond max_slot_wal_keep_size invalidates it.
+    let status = || {
+        bed.sql(
+            "SELECT coalesce(wal_status, '-') FROM pg_replication_slots WHERE slot_name = 'dr_app'",
+        )
+    };
+    let mut round = 0;
+    while status() != "lost" && round < 10 {
+        bed.sql(&format!(
+            "INSERT INTO t SELECT g, repeat(md5(g::text), 8) FROM generate_series({0} * 100000 + 1, {0} * 100000 + 100000) g",
+            round
+        ));
+        bed.sql("SELECT pg_switch_wal(); CHECKPOINT");
+        round += 1;
+    }
+    assert_eq!(status(), "lost", "the slot was never invalidated");
+
+    let agent = Agent::start(Dr::new(&config), port);
+    let alerted = wait_until(Duration::from_secs(30), || {
+        hook.json_bodies().iter().any(|b| {
+            b["event"] == "continuous_at_risk"
+                && b["message"].as_str().is_some_and(|m| {
+                    m.contains("invalidated") && m.contains("a new slot was created")
+                })
+        })
+    });
+    assert!(alerted, "events {:?}\n{}", hook.events(), agent.log());
+    let count = || {
+        json(&Bed::dr(&config, &["list", "--database", DB, "--json"]))
+            .as_array()
+            .map_or(0, Vec::len)
+    };
+    assert!(
+        wait_until(Duration::from_secs(60), || count() == 2),
+        "no new base:\n{}",
+        agent.log()
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || status() == "reserved"),
+        "{}",
+        status()
+    );
+    bed.sql("INSERT INTO t VALUES (0, 'after the new chain')");
+    let captured = wait_until(Duration::from_secs(30), || {
+        contains(
+            &captured_plaintext(&bed, &bed.tmp.path().join("repo")),
+            "after the new chain",
+        )
+    });
+    assert!(captured, "{}", agent.log());
+}

@@ -72,7 +72,7 @@ pub async fn watch_loop(shared: Arc<Shared>, name: String, stop: CancellationTok
                             let (shared, db_name) = (shared.clone(), name.clone());
                             tokio::spawn(async move {
                                 if let Some(db) = shared.config.database(&db_name) {
-                                    let classes = schema_change_classes(db);
+                                    let classes = new_base_classes(db);
                                     super::job::run_job(&shared, db, super::job::Trigger::CatchUp(classes)).await;
                                 }
                             });
@@ -88,8 +88,8 @@ pub async fn watch_loop(shared: Arc<Shared>, name: String, stop: CancellationTok
                 _ = stop.cancelled() => return,
             }
         }
-        let health = match conn {
-            Ok(conn) => dr_continuous::health(db, &conn)
+        let health = match &conn {
+            Ok(conn) => dr_continuous::health(db, conn)
                 .await
                 .map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
@@ -122,7 +122,8 @@ pub async fn watch_loop(shared: Arc<Shared>, name: String, stop: CancellationTok
                             .to_string(),
                     );
                 } else if h.slot_lost() {
-                    risks.push("the replication slot was invalidated (it lost WAL it needed, max_slot_wal_keep_size): run `dr continuous teardown` then `dr continuous setup` to start a new chain".to_string());
+                    risks.push(new_chain(&shared, db, conn.as_ref().ok()).await);
+                    slot_usable = true;
                 }
                 if let Some(bytes) = h.retained_bytes.filter(|b| *b as u64 > threshold) {
                     risks.push(format!(
@@ -168,6 +169,35 @@ pub async fn watch_loop(shared: Arc<Shared>, name: String, stop: CancellationTok
     }
 }
 
+/// The slot was invalidated: start a new one and take a new backup, so protection resumes
+/// by itself. Returns the risk to report (once).
+async fn new_chain(
+    shared: &Arc<Shared>,
+    db: &dr_core::config::DatabaseConfig,
+    conn: Option<&Connection>,
+) -> String {
+    let lost =
+        "the replication slot was invalidated (it lost WAL it needed: max_slot_wal_keep_size)";
+    let Some(conn) = conn else {
+        return format!("{lost}: run `dr continuous teardown` then `dr continuous setup`");
+    };
+    match dr_continuous::setup::restart_chain(db, conn).await {
+        Ok(()) => {
+            let (shared, name) = (shared.clone(), db.name.to_string());
+            tokio::spawn(async move {
+                if let Some(db) = shared.config.database(&name) {
+                    let classes = new_base_classes(db);
+                    super::job::run_job(&shared, db, super::job::Trigger::CatchUp(classes)).await;
+                }
+            });
+            format!("{lost}; a new slot was created and a new backup started: the changes between the last stored segment and that backup cannot be restored")
+        }
+        Err(e) => {
+            format!("{lost}, and starting a new chain failed ({e}): run `dr continuous teardown` then `dr continuous setup`")
+        }
+    }
+}
+
 /// A committed segment moves the recovery point, once a backup exists to apply it to.
 fn covered(shared: &Shared, name: &str, m: &dr_continuous::SegmentManifest) {
     let mut last = shared.last_success.lock().expect("last success");
@@ -198,9 +228,10 @@ fn segment_metrics(
     }
 }
 
-/// A backup taken for a schema change belongs to the database's shortest-kept class, so
-/// retention handles it like a scheduled one; without schedules it is `manual`.
-fn schema_change_classes(db: &dr_core::config::DatabaseConfig) -> Vec<String> {
+/// A backup taken for a new base (a schema change, a new chain) belongs to the database's
+/// shortest-kept class, so retention handles it like a scheduled one; without schedules it
+/// is `manual`.
+fn new_base_classes(db: &dr_core::config::DatabaseConfig) -> Vec<String> {
     let class = db
         .schedules
         .iter()
