@@ -167,7 +167,7 @@ pub async fn capture_segment(
         .await?
         .get(0);
     client
-        .execute("BEGIN; SET LOCAL synchronous_commit = local; SELECT pg_current_xact_id(); COMMIT")
+        .execute("BEGIN READ WRITE; SET LOCAL synchronous_commit = local; SELECT pg_current_xact_id(); COMMIT")
         .await?;
     let rows = client
         .query(
