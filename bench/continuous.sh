@@ -54,12 +54,13 @@ pgbench_tps() { # seconds, extra args...
 # Seconds since the epoch, with fractions, of an RFC 3339 time (GNU date).
 epoch() { date -u -d "$1" +%s.%N; }
 
-# The newest segment's covered_until, as seconds since the epoch (0 without segments).
+# The newest committed segment's covered_until, as seconds since the epoch (0 without one).
+# A segment being written has no manifest yet.
 covered_epoch() {
     local newest
-    newest=$(ls -1 "$tmp/repo/bench/bench/changes" 2>/dev/null | sort | tail -n 1)
+    newest=$(find "$tmp/repo/bench/bench/changes" -name manifest.json 2>/dev/null | sort | tail -n 1)
     if [ -z "$newest" ]; then echo 0; return; fi
-    epoch "$(jq -r .covered_until "$tmp/repo/bench/bench/changes/$newest/manifest.json")"
+    epoch "$(jq -r .covered_until "$newest")"
 }
 
 main() {

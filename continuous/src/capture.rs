@@ -319,55 +319,61 @@ async fn read_changes_inner(
     };
     send(Bytes::from_static(MAGIC)).await?;
     let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [&slot, &upto, &publication];
-    let stream = client
-        .inner()
-        .query_raw(
-            "SELECT lsn::text, data FROM pg_logical_slot_peek_binary_changes(
-                 $1, $2::text::pg_lsn, NULL,
-                 'proto_version', '1', 'publication_names', $3)",
-            params,
-        )
-        .await
-        .map_err(pg_error)?;
-    pin_mut!(stream);
     let mut read = Read::default();
-    let mut raw = 0u64;
     let mut frame = BytesMut::new();
-    while let Some(row) = stream.try_next().await.map_err(pg_error)? {
-        let lsn: String = row.get(0);
-        let data: &[u8] = row.get(1);
-        let lsn = parse_lsn(&lsn).ok_or_else(|| CaptureError::BadRow(format!("LSN `{lsn}`")))?;
-        frame.reserve(13 + data.len());
-        frame.put_u8(b'M');
-        frame.put_u64(lsn);
-        frame.put_u32(data.len() as u32);
-        frame.put_slice(data);
-        raw += 13 + data.len() as u64;
-        read.messages += 1;
-        let mut commit_end = None;
-        if matches!(data.first(), Some(b'B') | Some(b'C')) {
-            match crate::decode::parse(data) {
-                Ok(Message::Begin { commit_at, .. }) => {
-                    read.first_commit_at = read.first_commit_at.or(commit_at);
+    {
+        // Scoped: a segment cut at its size limit drops the rest of the read here, before the
+        // next query on this session (the connection keeps reading past a dropped stream,
+        // but not past one that is merely left unread).
+        let stream = client
+            .inner()
+            .query_raw(
+                "SELECT lsn::text, data FROM pg_logical_slot_peek_binary_changes(
+                     $1, $2::text::pg_lsn, NULL,
+                     'proto_version', '1', 'publication_names', $3)",
+                params,
+            )
+            .await
+            .map_err(pg_error)?;
+        pin_mut!(stream);
+        let mut raw = 0u64;
+        while let Some(row) = stream.try_next().await.map_err(pg_error)? {
+            let lsn: String = row.get(0);
+            let data: &[u8] = row.get(1);
+            let lsn =
+                parse_lsn(&lsn).ok_or_else(|| CaptureError::BadRow(format!("LSN `{lsn}`")))?;
+            frame.reserve(13 + data.len());
+            frame.put_u8(b'M');
+            frame.put_u64(lsn);
+            frame.put_u32(data.len() as u32);
+            frame.put_slice(data);
+            raw += 13 + data.len() as u64;
+            read.messages += 1;
+            let mut commit_end = None;
+            if matches!(data.first(), Some(b'B') | Some(b'C')) {
+                match crate::decode::parse(data) {
+                    Ok(Message::Begin { commit_at, .. }) => {
+                        read.first_commit_at = read.first_commit_at.or(commit_at);
+                    }
+                    Ok(Message::Commit {
+                        end_lsn, commit_at, ..
+                    }) => {
+                        read.transactions += 1;
+                        read.last_commit_at = commit_at;
+                        commit_end = Some(end_lsn);
+                    }
+                    Ok(_) => {}
+                    Err(e) => return Err(CaptureError::BadRow(e.to_string())),
                 }
-                Ok(Message::Commit {
-                    end_lsn, commit_at, ..
-                }) => {
-                    read.transactions += 1;
-                    read.last_commit_at = commit_at;
-                    commit_end = Some(end_lsn);
-                }
-                Ok(_) => {}
-                Err(e) => return Err(CaptureError::BadRow(e.to_string())),
             }
-        }
-        if frame.len() >= 256 * 1024 || commit_end.is_some() {
-            send(frame.split().freeze()).await?;
-        }
-        if let Some(end) = commit_end {
-            if raw >= max_raw {
-                read.truncated_at = Some(lsn_text(end));
-                break;
+            if frame.len() >= 256 * 1024 || commit_end.is_some() {
+                send(frame.split().freeze()).await?;
+            }
+            if let Some(end) = commit_end {
+                if raw >= max_raw {
+                    read.truncated_at = Some(lsn_text(end));
+                    break;
+                }
             }
         }
     }

@@ -370,7 +370,7 @@ fn agent_captures_segments_confirms_only_what_is_stored_and_alerts_on_risk() {
     let config = bed.config_with(
         "postgres",
         bed.cluster.password(),
-        "segment_seconds = 1\nslot_retained_alert_mib = 4",
+        "segment_seconds = 1\nslot_retained_alert_mib = 4\nsegment_max_mib = 1",
         &format!(
             "[agent]\nlisten = \"127.0.0.1:{port}\"\n\n[[notify]]\nurl = \"{}\"\n",
             hook.url("/hook")
@@ -466,7 +466,14 @@ fn agent_captures_segments_confirms_only_what_is_stored_and_alerts_on_risk() {
     fs::write(&repo, "not a directory").unwrap();
     let held = confirmed();
     bed.sql("INSERT INTO t VALUES (2, 'marker-during-outage')");
-    bed.sql("INSERT INTO t SELECT g, repeat(md5(g::text), 4) FROM generate_series(10, 60000) g");
+    // 30,000 small transactions: the catch-up segment is cut at segment_max_mib = 1 with
+    // most of them still to come in the same read.
+    bed.sql(
+        "DO $$ BEGIN FOR i IN 10..30000 LOOP \
+           INSERT INTO t VALUES (i, repeat(md5(i::text), 4)); COMMIT; \
+         END LOOP; END $$",
+    );
+    bed.sql("INSERT INTO t VALUES (3, 'marker-after-bulk')");
     let retained = wait_until(Duration::from_secs(30), || {
         at_risk_events().iter().any(|e| {
             let m = e["message"].as_str().unwrap_or_default();
@@ -493,10 +500,22 @@ fn agent_captures_segments_confirms_only_what_is_stored_and_alerts_on_risk() {
         segments(&repo).len() > before && metric("dr_continuous_at_risk") == Some(0.0)
     });
     assert!(caught_up, "{}", agent.log());
-    assert!(contains(
-        &captured_plaintext(&bed, &repo),
-        "marker-during-outage"
-    ));
+    let after_bulk = wait_until(Duration::from_secs(30), || {
+        contains(&captured_plaintext(&bed, &repo), "marker-after-bulk")
+    });
+    assert!(
+        after_bulk,
+        "nothing after the cut segment was captured:\n{}",
+        agent.log()
+    );
+    let plain = captured_plaintext(&bed, &repo);
+    assert!(contains(&plain, "marker-during-outage"));
+    assert!(
+        segments(&repo)
+            .iter()
+            .any(|m| m["object"]["raw_bytes"].as_u64() > Some(1024 * 1024)),
+        "no segment reached the size limit"
+    );
     assert!(confirmed() > held);
     // With a backup to apply them to, the segments are the recovery point: `dr status`
     // counts the RPO from the newest covered commit time, not from the dump.
