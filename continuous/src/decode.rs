@@ -103,10 +103,13 @@ impl<R: Read> Frames<R> {
         self.inner
             .read_exact(&mut b)
             .map_err(|_| DecodeError::Truncated)?;
-        let mut data = vec![0u8; u32::from_be_bytes(b) as usize];
-        self.inner
-            .read_exact(&mut data)
-            .map_err(|_| DecodeError::Truncated)?;
+        let len = u32::from_be_bytes(b) as usize;
+        // Read what is there rather than trusting the length with one allocation.
+        let mut data = Vec::with_capacity(len.min(1 << 20));
+        (&mut self.inner).take(len as u64).read_to_end(&mut data)?;
+        if data.len() != len {
+            return Err(DecodeError::Truncated);
+        }
         Ok(data)
     }
 }
@@ -411,7 +414,7 @@ impl Replayer {
                 return Ok(None);
             }
             Message::Insert { relation, new } => {
-                let rel = self.relation(*relation)?;
+                let rel = self.relation_for(*relation, &[new])?;
                 let (cols, vals): (Vec<String>, Vec<String>) = rel
                     .columns
                     .iter()
@@ -427,7 +430,9 @@ impl Replayer {
                 )
             }
             Message::Update { relation, old, new } => {
-                let rel = self.relation(*relation)?;
+                let mut rows: Vec<&[Value]> = vec![new];
+                rows.extend(old.as_ref().map(|(_, o)| o.as_slice()));
+                let rel = self.relation_for(*relation, &rows)?;
                 let set: Vec<String> = rel
                     .columns
                     .iter()
@@ -436,18 +441,18 @@ impl Replayer {
                     .map(|(c, v)| format!("{} = {}", quote_ident(&c.name), literal(v)))
                     .collect();
                 let target = match old {
-                    Some((kind, values)) => row_match(rel, *kind, values),
+                    Some((kind, values)) => row_match(rel, *kind, values)?,
                     // The key did not change: the new row's key columns find it.
-                    None => row_match(rel, OldKind::Key, new),
+                    None => row_match(rel, OldKind::Key, new)?,
                 };
                 format!("UPDATE {} SET {} WHERE {target}", rel.name, set.join(", "))
             }
             Message::Delete { relation, old } => {
-                let rel = self.relation(*relation)?;
+                let rel = self.relation_for(*relation, &[&old.1])?;
                 format!(
                     "DELETE FROM {} WHERE {}",
                     rel.name,
-                    row_match(rel, old.0, &old.1)
+                    row_match(rel, old.0, &old.1)?
                 )
             }
             Message::Truncate {
@@ -479,6 +484,20 @@ impl Replayer {
             .get(&id)
             .ok_or(DecodeError::UnknownRelation(id))
     }
+
+    /// The relation of a change whose rows must have one value per column.
+    fn relation_for(&self, id: u32, rows: &[&[Value]]) -> Result<&Relation, DecodeError> {
+        let rel = self.relation(id)?;
+        if let Some(row) = rows.iter().find(|r| r.len() != rel.columns.len()) {
+            return Err(DecodeError::BadMessage(format!(
+                "a change to {} has {} values for {} columns",
+                rel.name,
+                row.len(),
+                rel.columns.len()
+            )));
+        }
+        Ok(rel)
+    }
 }
 
 fn literal(v: &Value) -> String {
@@ -491,36 +510,38 @@ fn literal(v: &Value) -> String {
 /// The WHERE clause finding the one row a change names. By key: the key columns' values.
 /// By whole row (no key): the first row equal in every column sent, by `ctid`, so of two
 /// identical rows exactly one changes, as on the source.
-fn row_match(rel: &Relation, kind: OldKind, values: &[Value]) -> String {
-    let conditions: Vec<String> = rel
-        .columns
-        .iter()
-        .zip(values)
-        .filter(|(c, v)| match kind {
-            OldKind::Key => c.key,
-            OldKind::Full => **v != Value::Unchanged,
-        })
-        .map(|(c, v)| {
-            let col = quote_ident(&c.name);
-            match v {
-                Value::Null => format!("{col} IS NULL"),
-                Value::Text(t) if needs_text_compare(c.type_oid) => {
-                    format!("{col}::text = {}", quote_literal(t))
-                }
-                Value::Text(t) => format!("{col} = {}", quote_literal(t)),
-                Value::Unchanged => unreachable!("filtered above"),
+fn row_match(rel: &Relation, kind: OldKind, values: &[Value]) -> Result<String, DecodeError> {
+    let mut conditions = Vec::new();
+    for (c, v) in rel.columns.iter().zip(values) {
+        let col = quote_ident(&c.name);
+        match (kind, v) {
+            (OldKind::Key, _) if !c.key => {}
+            (OldKind::Full, Value::Unchanged) => {}
+            (OldKind::Key, Value::Unchanged) => {
+                return Err(DecodeError::BadMessage(format!(
+                    "a change to {} names its row by a key column ({col}) whose value it did not carry (an unchanged TOASTed key)",
+                    rel.name
+                )))
             }
-        })
-        .collect();
-    let all = if conditions.is_empty() {
-        "true".to_string()
-    } else {
-        conditions.join(" AND ")
-    };
-    match kind {
+            (_, Value::Null) => conditions.push(format!("{col} IS NULL")),
+            (_, Value::Text(t)) if needs_text_compare(c.type_oid) => {
+                conditions.push(format!("{col}::text = {}", quote_literal(t)))
+            }
+            (_, Value::Text(t)) => conditions.push(format!("{col} = {}", quote_literal(t))),
+        }
+    }
+    // Never "every row": a change that names no column names no row.
+    if conditions.is_empty() {
+        return Err(DecodeError::BadMessage(format!(
+            "a change to {} does not say which row it changes",
+            rel.name
+        )));
+    }
+    let all = conditions.join(" AND ");
+    Ok(match kind {
         OldKind::Key => all,
         OldKind::Full => format!("ctid = (SELECT ctid FROM {} WHERE {all} LIMIT 1)", rel.name),
-    }
+    })
 }
 
 #[cfg(test)]
@@ -601,6 +622,30 @@ mod tests {
     }
 
     #[test]
+    fn a_change_that_names_no_row_is_an_error_never_every_row() {
+        let mut r = Replayer::default();
+        r.sql(&parse(&relation_message()).unwrap()).unwrap();
+        // The key column's value not carried (an unchanged TOASTed key): no guess.
+        let update = Message::Update {
+            relation: 16384,
+            old: None,
+            new: vec![Value::Unchanged, Value::Text("[]".into())],
+        };
+        assert!(r.sql(&update).is_err());
+        // A whole-row match with nothing to match on, or the wrong number of values.
+        let delete = Message::Delete {
+            relation: 16384,
+            old: (OldKind::Full, vec![Value::Unchanged, Value::Unchanged]),
+        };
+        assert!(r.sql(&delete).is_err());
+        let short = Message::Insert {
+            relation: 16384,
+            new: vec![Value::Text("1".into())],
+        };
+        assert!(r.sql(&short).is_err());
+    }
+
+    #[test]
     fn an_unknown_relation_or_a_cut_message_is_an_error() {
         let mut r = Replayer::default();
         let mut insert = vec![b'I'];
@@ -634,6 +679,14 @@ mod tests {
         assert!(matches!(
             Frames::new(&b"nonsense"[..]).next_frame(),
             Err(DecodeError::BadMagic)
+        ));
+        // A length the input does not hold is an error, not a 4 GiB allocation.
+        let mut huge = MAGIC.to_vec();
+        huge.push(b'S');
+        huge.extend_from_slice(&u32::MAX.to_be_bytes());
+        assert!(matches!(
+            Frames::new(&huge[..]).next_frame(),
+            Err(DecodeError::Truncated)
         ));
     }
 }
