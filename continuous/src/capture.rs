@@ -20,7 +20,6 @@
 //! ```
 
 use std::io;
-use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use dr_core::config::DatabaseConfig;
@@ -422,34 +421,51 @@ fn hex_lsn(lsn: u64) -> String {
     format!("{lsn:016X}")
 }
 
-/// The newest committed segment of a database, if any (manifests only; no key needed).
-pub async fn latest_segment(
+/// The keys of a database's segment manifests, in id (time) order.
+pub(crate) async fn manifest_keys(
     repo: &Repository,
     database: &str,
-) -> Result<Option<SegmentManifest>, StorageError> {
+) -> Result<Vec<String>, StorageError> {
     let prefix = format!("{}/{database}/changes/", repo.environment());
-    let mut manifests: Vec<String> = repo
+    let suffix = format!("/{MANIFEST}");
+    let mut keys: Vec<String> = repo
         .storage()
         .list(&prefix)
         .await?
         .into_iter()
         .map(|o| o.key)
-        .filter(|k| k.ends_with(&format!("/{MANIFEST}")))
+        .filter(|k| k.ends_with(&suffix))
         .collect();
-    manifests.sort();
-    for key in manifests.iter().rev() {
-        let bytes = repo.storage().get(key).await?;
-        match serde_json::from_slice::<SegmentManifest>(&bytes) {
-            Ok(m) => return Ok(Some(m)),
-            Err(e) => tracing::error!(key, error = %e, "unreadable change-segment manifest"),
+    keys.sort();
+    Ok(keys)
+}
+
+/// One segment manifest; `None` (logged) when it does not parse.
+pub(crate) async fn read_manifest(
+    repo: &Repository,
+    key: &str,
+) -> Result<Option<SegmentManifest>, StorageError> {
+    let bytes = repo.storage().get(key).await?;
+    Ok(match serde_json::from_slice::<SegmentManifest>(&bytes) {
+        Ok(m) => Some(m),
+        Err(e) => {
+            tracing::error!(key, error = %e, "unreadable change-segment manifest; skipped");
+            None
+        }
+    })
+}
+
+/// The newest committed segment of a database, if any (manifests only; no key needed).
+pub async fn latest_segment(
+    repo: &Repository,
+    database: &str,
+) -> Result<Option<SegmentManifest>, StorageError> {
+    for key in manifest_keys(repo, database).await?.iter().rev() {
+        if let Some(m) = read_manifest(repo, key).await? {
+            return Ok(Some(m));
         }
     }
     Ok(None)
-}
-
-/// How long to wait between segments.
-pub fn interval(db: &DatabaseConfig) -> Duration {
-    Duration::from_secs(db.continuous.as_ref().map_or(30, |c| c.segment_seconds))
 }
 
 #[cfg(test)]

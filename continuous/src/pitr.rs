@@ -21,7 +21,9 @@ use jiff::Timestamp;
 use serde::Serialize;
 use tokio_util::io::SyncIoBridge;
 
-use crate::capture::{lsn_text, parse_lsn, segment_dir, SegmentManifest, MANIFEST};
+use crate::capture::{
+    lsn_text, manifest_keys, parse_lsn, read_manifest, segment_dir, SegmentManifest,
+};
 use crate::decode::{DecodeError, Frame, Frames, Message, Replayer};
 
 /// Statements go to the target in batches of about this many bytes or transactions: one
@@ -102,25 +104,11 @@ pub async fn list_segments(
     repo: &Repository,
     database: &str,
 ) -> Result<Vec<SegmentManifest>, StorageError> {
-    let prefix = format!("{}/{database}/changes/", repo.environment());
-    let keys: Vec<String> = repo
-        .storage()
-        .list(&prefix)
-        .await?
-        .into_iter()
-        .map(|o| o.key)
-        .filter(|k| k.ends_with(&format!("/{MANIFEST}")))
-        .collect();
-    let mut segments = Vec::with_capacity(keys.len());
-    for key in keys {
-        let bytes = repo.storage().get(&key).await?;
-        match serde_json::from_slice::<SegmentManifest>(&bytes) {
-            Ok(m) => segments.push(m),
-            Err(e) => {
-                tracing::error!(key, error = %e, "unreadable change-segment manifest; skipped")
-            }
-        }
+    let mut segments = Vec::new();
+    for key in manifest_keys(repo, database).await? {
+        segments.extend(read_manifest(repo, &key).await?);
     }
+    // Stable: segments read again from the same position keep their time order.
     segments.sort_by_key(|m| {
         (
             parse_lsn(&m.start_lsn).unwrap_or(0),

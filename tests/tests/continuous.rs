@@ -361,6 +361,44 @@ fn contains(haystack: &[u8], needle: &str) -> bool {
         .any(|w| w == needle.as_bytes())
 }
 
+/// RFC 3339 in UTC, to the second: comparable as text.
+fn second(t: &str) -> String {
+    t.get(..19).unwrap_or_default().to_string()
+}
+
+/// Waits until a committed segment in `repo` covers a second after `time`.
+fn covered_past(repo: &Path, time: &str) -> bool {
+    wait_until(Duration::from_secs(60), || {
+        segments(repo)
+            .last()
+            .is_some_and(|m| second(m["covered_until"].as_str().unwrap_or_default()) > second(time))
+    })
+}
+
+impl Bed {
+    /// `dr restore --to-time TO --create --json` of `app` into database `name`; `dr` carries
+    /// the config and any storage credentials.
+    fn restore_to(&self, dr: Dr, name: &str, to: &str) -> DrOutput {
+        dr.env("PGPASSWORD", self.cluster.password())
+            .args([
+                "restore",
+                "--database",
+                DB,
+                "--to-time",
+                to,
+                "--json",
+                "--create",
+            ])
+            .arg("--target")
+            .arg(self.cluster.url(name))
+            .arg("--staging-dir")
+            .arg(self.tmp.path().join("staging"))
+            .arg("--identity")
+            .arg(&self.identity)
+            .run()
+    }
+}
+
 #[test]
 fn agent_captures_segments_confirms_only_what_is_stored_and_alerts_on_risk() {
     let bed = Bed::new(PgCluster::start_logical());
@@ -650,42 +688,13 @@ fn point_in_time_restore_is_exact_at_each_recorded_time() {
     bed.sql("UPDATE accounts SET balance = -1; INSERT INTO scratch VALUES (99)");
     let latest = checksums(&bed.cluster, DB);
     let final_time = server_now(&bed.cluster);
-    // RFC 3339 in UTC: comparable as text to the second.
-    let second = |t: &str| t.get(..19).unwrap_or_default().to_string();
-    let covered = wait_until(Duration::from_secs(60), || {
-        segments(&bed.tmp.path().join("repo"))
-            .last()
-            .is_some_and(|m| {
-                second(m["covered_until"].as_str().unwrap_or_default()) > second(&final_time)
-            })
-    });
+    let covered = covered_past(&bed.tmp.path().join("repo"), &final_time);
     assert!(
         covered,
         "capture never covered the last change:\n{}",
         agent.log()
     );
-
-    let staging = bed.tmp.path().join("staging");
-    let restore = |name: &str, to: &str| {
-        Dr::new(&config)
-            .env("PGPASSWORD", bed.cluster.password())
-            .args([
-                "restore",
-                "--database",
-                DB,
-                "--to-time",
-                to,
-                "--json",
-                "--create",
-            ])
-            .arg("--target")
-            .arg(bed.cluster.url(name))
-            .arg("--staging-dir")
-            .arg(&staging)
-            .arg("--identity")
-            .arg(&bed.identity)
-            .run()
-    };
+    let restore = |name: &str, to: &str| bed.restore_to(Dr::new(&config), name, to);
     for (i, (at, sums)) in recorded.iter().enumerate() {
         let name = format!("app_t{i}");
         let out = restore(&name, at);
@@ -790,15 +799,8 @@ fn sigkill_during_capture_loses_nothing_and_replays_nothing_twice() {
     });
     let expected = checksums(&bed.cluster, DB);
     let final_time = server_now(&bed.cluster);
-    let second = |t: &str| t.get(..19).unwrap_or_default().to_string();
     let agent = Agent::start(Dr::new(&config), port);
-    let covered = wait_until(Duration::from_secs(60), || {
-        segments(&bed.tmp.path().join("repo"))
-            .last()
-            .is_some_and(|m| {
-                second(m["covered_until"].as_str().unwrap_or_default()) > second(&final_time)
-            })
-    });
+    let covered = covered_past(&bed.tmp.path().join("repo"), &final_time);
     assert!(covered, "capture did not resume:\n{}", agent.log());
     // A segment stored twice, as when the agent dies between storing a segment and
     // confirming it: the restore must replay its transactions once.
@@ -818,24 +820,7 @@ fn sigkill_during_capture_loses_nothing_and_replays_nothing_twice() {
         .replace(id, &format!("{id}-again"));
     fs::write(copy.join("manifest.json"), manifest).unwrap();
 
-    let out = Dr::new(&config)
-        .env("PGPASSWORD", bed.cluster.password())
-        .args([
-            "restore",
-            "--database",
-            DB,
-            "--to-time",
-            "latest",
-            "--json",
-            "--create",
-        ])
-        .arg("--target")
-        .arg(bed.cluster.url("app_after_kills"))
-        .arg("--staging-dir")
-        .arg(bed.tmp.path().join("staging"))
-        .arg("--identity")
-        .arg(&bed.identity)
-        .run();
+    let out = bed.restore_to(Dr::new(&config), "app_after_kills", "latest");
     out.assert_success();
     eprintln!("{}", out.stdout);
     assert!(
@@ -895,28 +880,10 @@ fn a_column_added_mid_stream_takes_a_new_base_and_restores_on_either_side() {
     bed.sql("UPDATE accounts SET extra = 9 WHERE note = 'after'; INSERT INTO accounts (balance, note, extra) VALUES (101, 'later', 10)");
     let after_sums = checksums(&bed.cluster, DB);
     let after = server_now(&bed.cluster);
-    let second = |t: &str| t.get(..19).unwrap_or_default().to_string();
-    let covered = wait_until(Duration::from_secs(60), || {
-        segments(&bed.tmp.path().join("repo"))
-            .last()
-            .is_some_and(|m| {
-                second(m["covered_until"].as_str().unwrap_or_default()) > second(&after)
-            })
-    });
+    let covered = covered_past(&bed.tmp.path().join("repo"), &after);
     assert!(covered, "{}", agent.log());
 
-    let restore = |name: &str, to: &str| {
-        Dr::new(&config)
-            .env("PGPASSWORD", bed.cluster.password())
-            .args(["restore", "--database", DB, "--to-time", to, "--create"])
-            .arg("--target")
-            .arg(bed.cluster.url(name))
-            .arg("--staging-dir")
-            .arg(bed.tmp.path().join("staging"))
-            .arg("--identity")
-            .arg(&bed.identity)
-            .run()
-    };
+    let restore = |name: &str, to: &str| bed.restore_to(Dr::new(&config), name, to);
     // Before the change: the first backup plus its changes.
     restore("app_before", &before).assert_success();
     assert_eq!(checksums(&bed.cluster, "app_before"), before_sums);
@@ -959,14 +926,7 @@ fn a_drill_of_a_continuous_database_restores_to_the_newest_change_and_reports_th
     let agent = Agent::start(Dr::new(&config), port);
     bed.sql("INSERT INTO accounts (note) VALUES ('after the backup')");
     let written = server_now(&bed.cluster);
-    let second = |t: &str| t.get(..19).unwrap_or_default().to_string();
-    let covered = wait_until(Duration::from_secs(60), || {
-        segments(&bed.tmp.path().join("repo"))
-            .last()
-            .is_some_and(|m| {
-                second(m["covered_until"].as_str().unwrap_or_default()) > second(&written)
-            })
-    });
+    let covered = covered_past(&bed.tmp.path().join("repo"), &written);
     assert!(covered, "{}", agent.log());
 
     let out = Dr::new(&config)
@@ -1033,7 +993,7 @@ fn capture_into_s3_survives_a_killed_agent_and_a_store_outage() {
         .assert_one_backup_id();
 
     let stop = std::sync::atomic::AtomicBool::new(false);
-    let second = std::thread::scope(|s| {
+    let agent = std::thread::scope(|s| {
         s.spawn(|| writer(&bed.cluster, &stop));
         let mut first = Agent::start(dr(), port);
         std::thread::sleep(Duration::from_millis(1500));
@@ -1041,48 +1001,30 @@ fn capture_into_s3_survives_a_killed_agent_and_a_store_outage() {
         assert!(first.wait_exit(Duration::from_secs(10)).is_some());
         // The store goes away while the writer goes on; a new agent cannot store anything.
         garage.stop();
-        let second = Agent::start(dr(), port);
+        let agent = Agent::start(dr(), port);
         let failing = wait_until(Duration::from_secs(30), || {
-            second.log().contains("change capture failed")
+            agent.log().contains("change capture failed")
         });
-        assert!(failing, "{}", second.log());
+        assert!(failing, "{}", agent.log());
         std::thread::sleep(Duration::from_secs(5));
         garage.restart();
         std::thread::sleep(Duration::from_secs(2));
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        second
+        agent
     });
     {
         let expected = checksums(&bed.cluster, DB);
         let final_time = server_now(&bed.cluster);
-        let second_of = |t: &str| t.get(..19).unwrap_or_default().to_string();
         let covered = wait_until(Duration::from_secs(60), || {
             let status = dr().args(["status", "--json"]).run();
             serde_json::from_str::<Value>(&status.stdout)
                 .ok()
-                .and_then(|v| v[0]["changes_covered_until"].as_str().map(second_of))
-                .is_some_and(|c| c > second_of(&final_time))
+                .and_then(|v| v[0]["changes_covered_until"].as_str().map(second))
+                .is_some_and(|c| c > second(&final_time))
         });
-        assert!(covered, "capture did not catch up:\n{}", second.log());
+        assert!(covered, "capture did not catch up:\n{}", agent.log());
 
-        let out = dr()
-            .env("PGPASSWORD", bed.cluster.password())
-            .args([
-                "restore",
-                "--database",
-                DB,
-                "--to-time",
-                "latest",
-                "--json",
-                "--create",
-            ])
-            .arg("--target")
-            .arg(bed.cluster.url("app_from_s3"))
-            .arg("--staging-dir")
-            .arg(bed.tmp.path().join("staging"))
-            .arg("--identity")
-            .arg(&bed.identity)
-            .run();
+        let out = bed.restore_to(dr(), "app_from_s3", "latest");
         out.assert_success();
         eprintln!("{}", out.stdout);
         assert_eq!(checksums(&bed.cluster, "app_from_s3"), expected);
