@@ -16,6 +16,7 @@
 pub mod capture;
 pub mod decode;
 pub mod pitr;
+pub mod retention;
 pub mod setup;
 
 pub use capture::{capture_segment, latest_segment, CaptureError, SegmentManifest};

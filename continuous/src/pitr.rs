@@ -21,9 +21,7 @@ use jiff::Timestamp;
 use serde::Serialize;
 use tokio_util::io::SyncIoBridge;
 
-use crate::capture::{
-    lsn_text, manifest_keys, parse_lsn, read_manifest, segment_dir, SegmentManifest,
-};
+use crate::capture::{lsn_text, manifest_keys, parse_lsn, segment_dir, SegmentManifest};
 use crate::decode::{DecodeError, Frame, Frames, Message, Replayer};
 
 /// Statements go to the target in batches of about this many bytes or transactions: one
@@ -104,18 +102,18 @@ pub async fn list_segments(
     repo: &Repository,
     database: &str,
 ) -> Result<Vec<SegmentManifest>, StorageError> {
-    let mut segments = Vec::new();
-    for key in manifest_keys(repo, database).await? {
-        segments.extend(read_manifest(repo, &key).await?);
-    }
-    // Stable: segments read again from the same position keep their time order.
-    segments.sort_by_key(|m| {
-        (
-            parse_lsn(&m.start_lsn).unwrap_or(0),
-            parse_lsn(&m.end_lsn).unwrap_or(0),
-        )
-    });
-    Ok(segments)
+    crate::retention::read_manifests(repo, manifest_keys(repo, database).await?).await
+}
+
+/// The index of the first segment a base whose snapshot followed `from` (its
+/// `wal_lsn_before`) needs: the last one ending at or before it, since a commit in flight
+/// when the snapshot was taken can sit there. Segments before it hold only transactions the
+/// base already sees.
+pub(crate) fn first_segment_for(segments: &[SegmentManifest], from: u64) -> usize {
+    segments
+        .iter()
+        .rposition(|s| parse_lsn(&s.end_lsn).unwrap_or(0) <= from)
+        .unwrap_or(0)
 }
 
 /// Chooses the base and the segments for `to`, or says why no restore can reach it.
@@ -168,12 +166,8 @@ pub fn plan(
     let info = base.continuous_base.as_ref().expect("filtered above");
     let from = parse_lsn(&info.wal_lsn_before).unwrap_or(0);
 
-    // From the last segment ending at or before the base (a commit in flight when the
-    // snapshot was taken can sit there) up to the first covering `to`.
-    let first = segments
-        .iter()
-        .rposition(|s| parse_lsn(&s.end_lsn).unwrap_or(0) <= from)
-        .unwrap_or(0);
+    // From the first segment the base needs up to the first covering `to`.
+    let first = first_segment_for(&segments, from);
     let last = segments
         .iter()
         .position(|s| s.covered_until >= to)

@@ -575,7 +575,12 @@ fn agent_captures_segments_confirms_only_what_is_stored_and_alerts_on_risk() {
 
 /// Every table's full contents as one checksum per table.
 fn checksums(cluster: &PgCluster, db: &str) -> Vec<String> {
-    ["accounts", "docs", "events", "scratch"]
+    checksums_of(cluster, db, &["accounts", "docs", "events", "scratch"])
+}
+
+/// Each table's row count and a digest of its sorted rows: equal only if every row is.
+fn checksums_of(cluster: &PgCluster, db: &str, tables: &[&str]) -> Vec<String> {
+    tables
         .iter()
         .map(|t| {
             cluster.psql(
@@ -965,8 +970,35 @@ fn a_drill_of_a_continuous_database_restores_to_the_newest_change_and_reports_th
     assert_eq!(replayed["passed"], true, "{report:#}");
 }
 
+const PGBENCH_TABLES: [&str; 8] = [
+    "accounts",
+    "docs",
+    "events",
+    "scratch",
+    "pgbench_accounts",
+    "pgbench_branches",
+    "pgbench_tellers",
+    "pgbench_history",
+];
+
+/// Runs pgbench's TPC-B-like load against `app` for `seconds` at a steady rate.
+fn pgbench(cluster: &PgCluster, seconds: u64) {
+    let out = cluster
+        .client_command("pgbench")
+        .args(["-n", "-c", "2", "-j", "1", "-R", "100", "-T"])
+        .arg(seconds.to_string())
+        .arg(DB)
+        .output()
+        .expect("run pgbench");
+    assert!(
+        out.status.success(),
+        "pgbench failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
-fn capture_into_s3_survives_a_killed_agent_and_a_store_outage() {
+fn capture_into_s3_survives_a_killed_agent_and_a_one_minute_store_outage_under_pgbench() {
     let mut bed = Bed::new(PgCluster::start_logical());
     let mut garage = Garage::start();
     bed.storage = Storage::garage(&garage, "continuous");
@@ -975,11 +1007,19 @@ fn capture_into_s3_survives_a_killed_agent_and_a_store_outage() {
          CREATE TABLE docs (id int PRIMARY KEY); CREATE TABLE events (at timestamptz, what text);
          CREATE TABLE scratch (id int PRIMARY KEY);",
     );
+    let init = bed
+        .cluster
+        .client_command("pgbench")
+        .args(["-i", "-s", "1", "-q", DB])
+        .output()
+        .expect("pgbench -i");
+    assert!(init.status.success(), "{init:?}");
     let port = free_port();
+    // pgbench_history has no key: its rows are only ever inserted, as FULL identity allows.
     let config = bed.config_with(
         "postgres",
         bed.cluster.password(),
-        "segment_seconds = 1\nreplica_identity_full = [\"public.events\"]",
+        "segment_seconds = 1\nreplica_identity_full = [\"public.events\", \"public.pgbench_history\"]",
         &format!("[agent]\nlisten = \"127.0.0.1:{port}\"\n"),
     );
     fs::create_dir(bed.tmp.path().join("staging")).unwrap();
@@ -995,40 +1035,50 @@ fn capture_into_s3_survives_a_killed_agent_and_a_store_outage() {
     let stop = std::sync::atomic::AtomicBool::new(false);
     let agent = std::thread::scope(|s| {
         s.spawn(|| writer(&bed.cluster, &stop));
+        let load = s.spawn(|| pgbench(&bed.cluster, 80));
         let mut first = Agent::start(dr(), port);
         std::thread::sleep(Duration::from_millis(1500));
         first.signal(libc::SIGKILL);
         assert!(first.wait_exit(Duration::from_secs(10)).is_some());
-        // The store goes away while the writer goes on; a new agent cannot store anything.
+        // The store goes away for a minute while the load goes on; a new agent cannot
+        // store anything and must not confirm anything to the slot.
         garage.stop();
+        let down = std::time::Instant::now();
         let agent = Agent::start(dr(), port);
         let failing = wait_until(Duration::from_secs(30), || {
             agent.log().contains("change capture failed")
         });
         assert!(failing, "{}", agent.log());
-        std::thread::sleep(Duration::from_secs(5));
+        std::thread::sleep(Duration::from_secs(60).saturating_sub(down.elapsed()));
         garage.restart();
-        std::thread::sleep(Duration::from_secs(2));
+        load.join().expect("pgbench thread");
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         agent
     });
-    {
-        let expected = checksums(&bed.cluster, DB);
-        let final_time = server_now(&bed.cluster);
-        let covered = wait_until(Duration::from_secs(60), || {
-            let status = dr().args(["status", "--json"]).run();
-            serde_json::from_str::<Value>(&status.stdout)
-                .ok()
-                .and_then(|v| v[0]["changes_covered_until"].as_str().map(second))
-                .is_some_and(|c| c > second(&final_time))
-        });
-        assert!(covered, "capture did not catch up:\n{}", agent.log());
+    let expected = checksums_of(&bed.cluster, DB, &PGBENCH_TABLES);
+    let final_time = server_now(&bed.cluster);
+    let covered = wait_until(Duration::from_secs(90), || {
+        let status = dr().args(["status", "--json"]).run();
+        serde_json::from_str::<Value>(&status.stdout)
+            .ok()
+            .and_then(|v| v[0]["changes_covered_until"].as_str().map(second))
+            .is_some_and(|c| c > second(&final_time))
+    });
+    assert!(covered, "capture did not catch up:\n{}", agent.log());
+    let history: u64 = bed
+        .sql("SELECT count(*) FROM pgbench_history")
+        .parse()
+        .unwrap();
+    assert!(history > 2000, "pgbench barely ran: {history} transactions");
 
-        let out = bed.restore_to(dr(), "app_from_s3", "latest");
-        out.assert_success();
-        eprintln!("{}", out.stdout);
-        assert_eq!(checksums(&bed.cluster, "app_from_s3"), expected);
-    }
+    let out = bed.restore_to(dr(), "app_from_s3", "latest");
+    out.assert_success();
+    eprintln!("{}", out.stdout);
+    // Equal row for row: nothing lost in the outage, nothing applied twice.
+    assert_eq!(
+        checksums_of(&bed.cluster, "app_from_s3", &PGBENCH_TABLES),
+        expected
+    );
 }
 
 #[test]
@@ -1102,4 +1152,119 @@ fn an_invalidated_slot_is_replaced_by_a_new_chain_with_a_new_base() {
         )
     });
     assert!(captured, "{}", agent.log());
+}
+
+#[test]
+fn segments_no_kept_backup_needs_are_pruned_and_every_kept_time_still_restores() {
+    let bed = Bed::new(PgCluster::start_logical());
+    bed.sql(
+        "CREATE TABLE accounts (id serial PRIMARY KEY, balance int, note text);
+         CREATE TABLE docs (id int PRIMARY KEY); CREATE TABLE events (at timestamptz, what text);
+         CREATE TABLE scratch (id int PRIMARY KEY);",
+    );
+    let port = free_port();
+    // `daily` keeps a backup one second: once a newer one exists, the older goes.
+    let config = bed.config_with(
+        "postgres",
+        bed.cluster.password(),
+        "segment_seconds = 1\nreplica_identity_full = [\"public.events\"]",
+        &format!(
+            "  [[databases.schedules]]\n  class = \"daily\"\n  cron = \"0 3 1 1 *\"\n  keep = \"1s\"\n\n[agent]\nlisten = \"127.0.0.1:{port}\"\n"
+        ),
+    );
+    fs::create_dir(bed.tmp.path().join("staging")).unwrap();
+    let repo = bed.tmp.path().join("repo");
+    Bed::dr(&config, &["continuous", "setup", "--database", DB]).assert_success();
+    let backup = || {
+        Bed::dr(&config, &["backup", "--database", DB, "--class", "daily"]).assert_one_backup_id()
+    };
+    let agent = Agent::start(Dr::new(&config), port);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (old_base, before_new_base) = std::thread::scope(|s| {
+        s.spawn(|| writer(&bed.cluster, &stop));
+        std::thread::sleep(Duration::from_millis(1500));
+        let old_base = backup();
+        std::thread::sleep(Duration::from_millis(2500));
+        let before = server_now(&bed.cluster);
+        std::thread::sleep(Duration::from_millis(500));
+        // The new base is dumped while the writer runs: the segment around its snapshot
+        // holds commits the base does not see, and must be kept.
+        backup();
+        std::thread::sleep(Duration::from_millis(2000));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        (old_base, before)
+    });
+    let expected = checksums(&bed.cluster, DB);
+    let final_time = server_now(&bed.cluster);
+    assert!(
+        covered_past(&repo, &final_time),
+        "capture never covered the last change:\n{}",
+        agent.log()
+    );
+    drop(agent);
+    // A segment a killed capture stored without its manifest, long ago.
+    let changes = repo.join("test").join(DB).join("changes");
+    let leftover = "20200101T000000Z-0000000000000000-abcd";
+    fs::create_dir(changes.join(leftover)).unwrap();
+    fs::write(changes.join(leftover).join("changes.zst.age"), b"partial").unwrap();
+
+    let all = segments(&repo);
+    let dry = Bed::dr(&config, &["prune", "--dry-run", "--json"]);
+    dry.assert_success();
+    let report = json(&dry);
+    let plan = &report[0]["change_segments"];
+    let doomed: Vec<String> = plan["deleted"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no change_segments in {report:#}"))
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    assert!(!doomed.is_empty(), "nothing to prune: {report:#}");
+    assert_eq!(plan["orphans"], serde_json::json!([leftover]), "{report:#}");
+    assert_eq!(segments(&repo).len(), all.len(), "--dry-run deleted segments");
+    assert!(changes.join(leftover).exists(), "--dry-run deleted the leftover");
+
+    let out = Bed::dr(&config, &["prune", "--json"]);
+    out.assert_success();
+    assert!(
+        !repo
+            .join("test")
+            .join(DB)
+            .join("backups")
+            .join(&old_base)
+            .exists(),
+        "the old base was not pruned: {}",
+        out.stdout
+    );
+    let kept = segments(&repo);
+    assert_eq!(kept.len(), all.len() - doomed.len(), "{}", out.stdout);
+    assert!(!changes.join(leftover).exists());
+    for id in &doomed {
+        assert!(!changes.join(id).exists(), "segment {id} still there");
+    }
+    // Exactly the segments before the one the kept base starts from went: that one ends at
+    // or before the base's position, the next one after it.
+    let backups: Vec<_> = fs::read_dir(repo.join("test").join(DB).join("backups"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(backups.len(), 1, "{backups:?}");
+    let base: Value =
+        serde_json::from_str(&fs::read_to_string(backups[0].join("manifest.json")).unwrap())
+            .unwrap();
+    let from = lsn(base["continuous_base"]["wal_lsn_before"].as_str().unwrap());
+    assert!(lsn(kept[0]["end_lsn"].as_str().unwrap()) <= from, "{:#}", kept[0]);
+    assert!(lsn(kept[1]["end_lsn"].as_str().unwrap()) > from, "{:#}", kept[1]);
+    let last_doomed = all.iter().find(|m| m["id"] == doomed[doomed.len() - 1]).unwrap();
+    assert!(lsn(last_doomed["end_lsn"].as_str().unwrap()) <= from);
+
+    // The newest change still restores exactly; a time before the kept base is refused.
+    let out = bed.restore_to(Dr::new(&config), "app_pruned", "latest");
+    out.assert_success();
+    assert_eq!(checksums(&bed.cluster, "app_pruned"), expected);
+    bed.restore_to(Dr::new(&config), "app_gone", &before_new_base)
+        .assert_failure_mentions(&["no backup of `app` can serve"]);
+    // A second prune finds nothing more to delete.
+    let again = json(&Bed::dr(&config, &["prune", "--dry-run", "--json"]));
+    assert_eq!(again[0]["change_segments"]["deleted"], serde_json::json!([]));
 }

@@ -45,6 +45,7 @@ impl Args {
         let now = jiff::Timestamp::now();
         let owner = lock::new_owner();
         let mut reports = Vec::new();
+        let mut segment_reports = Vec::new();
         let mut failed = false;
         for db in dbs {
             let guard = if self.dry_run {
@@ -72,8 +73,35 @@ impl Args {
             };
             let result =
                 dr_core::retention::prune(&repo, db, now, config.job_timeout(), self.dry_run).await;
+            let segments = match &result {
+                Ok(r) => {
+                    crate::daemon::continuous::prune_segments(
+                        &repo,
+                        db,
+                        r,
+                        config.job_timeout(),
+                        self.dry_run,
+                    )
+                    .await
+                }
+                Err(_) => Ok(None),
+            };
             if let Some(guard) = guard {
                 guard.release().await;
+            }
+            match segments {
+                Ok(Some(s)) => {
+                    failed |= !s.errors.is_empty();
+                    segment_reports.push(s);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    failed = true;
+                    crate::print_error(&anyhow::Error::new(e).context(format!(
+                        "cannot prune the change segments of `{}`; none was deleted",
+                        db.name
+                    )));
+                }
             }
             match result {
                 Ok(r) => {
@@ -90,7 +118,16 @@ impl Args {
             }
         }
         if self.json {
-            println!("{}", serde_json::to_string_pretty(&reports)?);
+            // One object per database; `change_segments` where continuous capture is on.
+            let mut out = Vec::new();
+            for r in &reports {
+                let mut v = serde_json::to_value(r)?;
+                if let Some(s) = segment_reports.iter().find(|s| s.database == r.database) {
+                    v["change_segments"] = serde_json::to_value(s)?;
+                }
+                out.push(v);
+            }
+            println!("{}", serde_json::to_string_pretty(&out)?);
         } else {
             let verb = if self.dry_run {
                 "would delete"
@@ -117,6 +154,17 @@ impl Args {
                         "aborted"
                     };
                     println!("{verb} upload {u}  (left open by a crash, too old to be in flight)");
+                }
+                for s in segment_reports.iter().filter(|s| s.database == r.database) {
+                    for id in &s.deleted {
+                        println!("{verb} segment {id}  {}  (before the oldest kept base {})", s.database, s.oldest_base.as_deref().unwrap_or("-"));
+                    }
+                    for id in &s.orphans {
+                        println!("{verb} segment {id}  {}  (no manifest, too old to be a capture in flight)", s.database);
+                    }
+                    for e in &s.errors {
+                        eprintln!("error: {e}");
+                    }
                 }
                 for w in &r.warnings {
                     eprintln!("warning: {w}");

@@ -239,3 +239,47 @@ fn new_base_classes(db: &dr_core::config::DatabaseConfig) -> Vec<String> {
         .map_or_else(|| "manual".to_string(), |s| s.class.to_string());
     vec![class]
 }
+
+/// Segment retention, after backup retention decided `pruned`: segments that no retained
+/// base needs go, and leftovers of a capture killed before its commit once older than the
+/// longest a job may run plus an hour. `None` for a database without continuous capture.
+pub async fn prune_segments(
+    repo: &dr_core::repo::Repository,
+    db: &dr_core::config::DatabaseConfig,
+    pruned: &dr_core::retention::PruneReport,
+    job_timeout: Duration,
+    dry_run: bool,
+) -> Result<Option<dr_continuous::retention::SegmentPrune>, dr_core::storage::StorageError> {
+    if db.continuous.is_none() {
+        return Ok(None);
+    }
+    let gone: std::collections::HashSet<&str> = pruned
+        .decisions
+        .iter()
+        .filter(|d| !d.keep)
+        .map(|d| d.backup_id.as_str())
+        .collect();
+    let listing = repo.list(Some(db.name.as_str())).await?;
+    if !listing.unreadable.is_empty() {
+        // A base dr cannot read may still need the segments: keep them all.
+        tracing::warn!(database = %db.name, unreadable = listing.unreadable.len(), "some backup manifests are unreadable; change segments are not pruned");
+        return Ok(None);
+    }
+    let retained: Vec<_> = listing
+        .backups
+        .into_iter()
+        .filter(|m| !gone.contains(m.id.as_str()))
+        .collect();
+    let orphan_age = jiff::SignedDuration::try_from(job_timeout + Duration::from_secs(3600))
+        .unwrap_or(jiff::SignedDuration::MAX);
+    dr_continuous::retention::prune_segments(
+        repo,
+        db.name.as_str(),
+        &retained,
+        jiff::Timestamp::now(),
+        orphan_age,
+        dry_run,
+    )
+    .await
+    .map(Some)
+}

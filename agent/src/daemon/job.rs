@@ -320,6 +320,28 @@ pub async fn run_job(shared: &Arc<Shared>, db: &DatabaseConfig, trigger: Trigger
                 for e in &r.errors {
                     tracing::warn!(database = name, error = %e, "prune could not delete something; backups go on");
                 }
+                match super::continuous::prune_segments(
+                    &shared.repo,
+                    db,
+                    &r,
+                    shared.config.job_timeout(),
+                    false,
+                )
+                .await
+                {
+                    Ok(Some(s)) => {
+                        if !s.deleted.is_empty() || !s.orphans.is_empty() {
+                            tracing::info!(database = name, segments = s.deleted.len(), leftovers = s.orphans.len(), "pruned change segments no retained backup needs");
+                        }
+                        for e in &s.errors {
+                            tracing::warn!(database = name, error = %e, "segment prune could not delete something; capture goes on");
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(database = name, error = %e, "segment prune failed; capture goes on")
+                    }
+                }
             }
             Err(e) => {
                 tracing::warn!(database = name, error = %e, "prune failed; backups go on")
