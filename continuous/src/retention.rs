@@ -52,7 +52,11 @@ pub async fn prune_segments(
     // Segment id -> its object keys, manifest included.
     let mut dirs: std::collections::BTreeMap<String, Vec<String>> = Default::default();
     for o in objects {
-        if let Some(id) = o.key.strip_prefix(&prefix).and_then(|r| r.split('/').next()) {
+        if let Some(id) = o
+            .key
+            .strip_prefix(&prefix)
+            .and_then(|r| r.split('/').next())
+        {
             dirs.entry(id.to_string()).or_default().push(o.key.clone());
         }
     }

@@ -461,6 +461,27 @@ fn agent_captures_segments_confirms_only_what_is_stored_and_alerts_on_risk() {
         "{}",
         agent.log()
     );
+    // Lag (commit on the source -> durable in the repository) is a histogram with the
+    // segment's transactions in it, a second or two with segment_seconds = 1.
+    let lagged = wait_until(Duration::from_secs(10), || {
+        metric("dr_continuous_lag_seconds_count").is_some_and(|n| n >= 1.0)
+    });
+    assert!(lagged, "{}", agent.metrics());
+    let (sum, count) = (
+        metric("dr_continuous_lag_seconds_sum").unwrap(),
+        metric("dr_continuous_lag_seconds_count").unwrap(),
+    );
+    assert!(sum / count < 15.0, "mean lag {} s", sum / count);
+    assert!(metric("dr_continuous_segments_total").is_some_and(|n| n >= 1.0));
+    let covered = metric("dr_continuous_covered_until_timestamp_seconds").unwrap_or(0.0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        (now - covered).abs() < 30.0,
+        "covered until {covered}, now {now}"
+    );
 
     // A table created without identity is published at once: its UPDATEs fail on the
     // source, which is what the alert is for.
@@ -917,7 +938,7 @@ fn a_drill_of_a_continuous_database_restores_to_the_newest_change_and_reports_th
     bed.sql("CREATE TABLE accounts (id serial PRIMARY KEY, note text)");
     let port = free_port();
     let drill = format!(
-        "segment_seconds = 1\n\n  [databases.drill]\n  target = \"{}\"\n  allow_same_server = true\n  checks = [\"SELECT count(*) = 1 FROM accounts WHERE note = 'after the backup'\"]\n",
+        "segment_seconds = 1\n\n  [databases.drill]\n  cron = \"0 3 1 1 *\"\n  target = \"{}\"\n  allow_same_server = true\n  checks = [\"SELECT count(*) = 1 FROM accounts WHERE note = 'after the backup'\"]\n",
         bed.cluster.url("postgres")
     );
     let config = bed.config_with(
@@ -968,6 +989,29 @@ fn a_drill_of_a_continuous_database_restores_to_the_newest_change_and_reports_th
         .cloned()
         .unwrap_or_default();
     assert_eq!(replayed["passed"], true, "{report:#}");
+
+    // The agent is stateless: restarted, it exports the last drill's RTO and achieved RPO
+    // from the stored report.
+    drop(agent);
+    let agent = Agent::start(Dr::new(&config), port);
+    let labels = [("environment", "test"), ("database", DB)];
+    let exported = wait_until(Duration::from_secs(20), || {
+        metric_value(&agent.metrics(), "dr_drill_achieved_rpo_seconds", &labels).is_some()
+    });
+    let metrics = agent.metrics();
+    assert!(exported, "{metrics}");
+    let close = |name: &str, want: &Value| {
+        let got = metric_value(&metrics, name, &labels).unwrap_or(f64::NAN);
+        assert!(
+            (got - want.as_f64().unwrap()).abs() < 0.01,
+            "{name} = {got}, report {want}"
+        );
+    };
+    close(
+        "dr_drill_achieved_rpo_seconds",
+        &report["achieved_rpo_seconds"],
+    );
+    close("dr_drill_rto_seconds", &report["rto_seconds"]);
 }
 
 const PGBENCH_TABLES: [&str; 8] = [
@@ -1221,8 +1265,15 @@ fn segments_no_kept_backup_needs_are_pruned_and_every_kept_time_still_restores()
         .collect();
     assert!(!doomed.is_empty(), "nothing to prune: {report:#}");
     assert_eq!(plan["orphans"], serde_json::json!([leftover]), "{report:#}");
-    assert_eq!(segments(&repo).len(), all.len(), "--dry-run deleted segments");
-    assert!(changes.join(leftover).exists(), "--dry-run deleted the leftover");
+    assert_eq!(
+        segments(&repo).len(),
+        all.len(),
+        "--dry-run deleted segments"
+    );
+    assert!(
+        changes.join(leftover).exists(),
+        "--dry-run deleted the leftover"
+    );
 
     let out = Bed::dr(&config, &["prune", "--json"]);
     out.assert_success();
@@ -1253,10 +1304,59 @@ fn segments_no_kept_backup_needs_are_pruned_and_every_kept_time_still_restores()
         serde_json::from_str(&fs::read_to_string(backups[0].join("manifest.json")).unwrap())
             .unwrap();
     let from = lsn(base["continuous_base"]["wal_lsn_before"].as_str().unwrap());
-    assert!(lsn(kept[0]["end_lsn"].as_str().unwrap()) <= from, "{:#}", kept[0]);
-    assert!(lsn(kept[1]["end_lsn"].as_str().unwrap()) > from, "{:#}", kept[1]);
-    let last_doomed = all.iter().find(|m| m["id"] == doomed[doomed.len() - 1]).unwrap();
+    assert!(
+        lsn(kept[0]["end_lsn"].as_str().unwrap()) <= from,
+        "{:#}",
+        kept[0]
+    );
+    assert!(
+        lsn(kept[1]["end_lsn"].as_str().unwrap()) > from,
+        "{:#}",
+        kept[1]
+    );
+    let last_doomed = all
+        .iter()
+        .find(|m| m["id"] == doomed[doomed.len() - 1])
+        .unwrap();
     assert!(lsn(last_doomed["end_lsn"].as_str().unwrap()) <= from);
+
+    // A dry run names the plan (JSON on stdout for scripts) and creates nothing.
+    let dry = Dr::new(&config)
+        .env("PGPASSWORD", bed.cluster.password())
+        .args([
+            "restore",
+            "--database",
+            DB,
+            "--to-time",
+            "latest",
+            "--dry-run",
+            "--json",
+            "--create",
+        ])
+        .arg("--target")
+        .arg(bed.cluster.url("app_dry"))
+        .arg("--identity")
+        .arg(&bed.identity)
+        .run();
+    dry.assert_success();
+    let plan = json(&dry);
+    assert_eq!(
+        plan["base_id"].as_str(),
+        backups[0].file_name().and_then(|n| n.to_str()),
+        "{plan:#}"
+    );
+    assert_eq!(
+        plan["segments"].as_array().map(Vec::len),
+        Some(kept.len()),
+        "{plan:#}"
+    );
+    assert_eq!(
+        bed.cluster.psql(
+            "postgres",
+            "SELECT count(*) FROM pg_database WHERE datname = 'app_dry'"
+        ),
+        "0"
+    );
 
     // The newest change still restores exactly; a time before the kept base is refused.
     let out = bed.restore_to(Dr::new(&config), "app_pruned", "latest");
@@ -1266,5 +1366,8 @@ fn segments_no_kept_backup_needs_are_pruned_and_every_kept_time_still_restores()
         .assert_failure_mentions(&["no backup of `app` can serve"]);
     // A second prune finds nothing more to delete.
     let again = json(&Bed::dr(&config, &["prune", "--dry-run", "--json"]));
-    assert_eq!(again[0]["change_segments"]["deleted"], serde_json::json!([]));
+    assert_eq!(
+        again[0]["change_segments"]["deleted"],
+        serde_json::json!([])
+    );
 }

@@ -157,7 +157,11 @@ impl Args {
                 }
                 for s in segment_reports.iter().filter(|s| s.database == r.database) {
                     for id in &s.deleted {
-                        println!("{verb} segment {id}  {}  (before the oldest kept base {})", s.database, s.oldest_base.as_deref().unwrap_or("-"));
+                        println!(
+                            "{verb} segment {id}  {}  (before the oldest kept base {})",
+                            s.database,
+                            s.oldest_base.as_deref().unwrap_or("-")
+                        );
                     }
                     for id in &s.orphans {
                         println!("{verb} segment {id}  {}  (no manifest, too old to be a capture in flight)", s.database);

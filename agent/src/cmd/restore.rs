@@ -307,14 +307,23 @@ impl Args {
             plan.base_snapshot_at,
             plan.segments.len()
         );
+        request.selector = Selector::Id(plan.base_id.clone());
         if self.dry_run {
+            // The same checks as a plain dry run, for the base: the key decrypts it and the
+            // target may be written.
+            let base = dr_restore::run::dry_run(repo, &request).await?;
             if self.json {
-                println!("{}", serde_json::to_string_pretty(&plan)?);
+                let mut out = serde_json::to_value(&plan)?;
+                out["base"] = serde_json::to_value(&base)?;
+                println!("{}", serde_json::to_string_pretty(&out)?);
+                eprintln!("dry run: nothing was changed");
+            } else {
+                println!("identity: can decrypt the base");
+                println!("{}: {}", base.destination, base.plan);
+                println!("dry run: nothing was changed");
             }
-            println!("dry run: nothing was changed");
             return Ok(ExitCode::SUCCESS);
         }
-        request.selector = Selector::Id(plan.base_id.clone());
         let identities = request.identities.clone();
         let staging_dir = request.staging_dir.clone();
         let watch = Arc::new(Watch::default());

@@ -331,7 +331,12 @@ pub async fn run_job(shared: &Arc<Shared>, db: &DatabaseConfig, trigger: Trigger
                 {
                     Ok(Some(s)) => {
                         if !s.deleted.is_empty() || !s.orphans.is_empty() {
-                            tracing::info!(database = name, segments = s.deleted.len(), leftovers = s.orphans.len(), "pruned change segments no retained backup needs");
+                            tracing::info!(
+                                database = name,
+                                segments = s.deleted.len(),
+                                leftovers = s.orphans.len(),
+                                "pruned change segments no retained backup needs"
+                            );
                         }
                         for e in &s.errors {
                             tracing::warn!(database = name, error = %e, "segment prune could not delete something; capture goes on");
@@ -604,6 +609,13 @@ pub async fn drill_loop(shared: Arc<Shared>, name: String, stop: CancellationTok
                 .drill_rto
                 .get_or_create(&labels)
                 .set(r.rto_seconds);
+            if let Some(rpo) = r.achieved_rpo_seconds {
+                shared
+                    .metrics
+                    .drill_achieved_rpo
+                    .get_or_create(&labels)
+                    .set(rpo);
+            }
         }
     }
     let tz = config.agent.timezone.0.clone();
