@@ -647,11 +647,12 @@ fn point_in_time_restore_is_exact_at_each_recorded_time() {
            INSERT INTO events VALUES ('2026-01-01 00:00:00+00', 'seed'), (NULL, NULL);
            INSERT INTO scratch SELECT generate_series(1, 10);"#,
     );
+    pgbench_init(&bed.cluster);
     let port = free_port();
     let config = bed.config_with(
         "postgres",
         bed.cluster.password(),
-        "segment_seconds = 1\nreplica_identity_full = [\"public.events\"]",
+        "segment_seconds = 1\nreplica_identity_full = [\"public.events\", \"public.pgbench_history\"]",
         &format!("[agent]\nlisten = \"127.0.0.1:{port}\"\n"),
     );
     fs::create_dir(bed.tmp.path().join("staging")).unwrap();
@@ -664,6 +665,7 @@ fn point_in_time_restore_is_exact_at_each_recorded_time() {
     // then hold transactions the base already has, which the replay must skip.
     std::thread::scope(|s| {
         s.spawn(|| writer(&bed.cluster, &stop));
+        s.spawn(|| pgbench(&bed.cluster, 3));
         std::thread::sleep(Duration::from_millis(1500));
         Bed::dr(&config, &["backup", "--database", DB]).assert_one_backup_id();
         std::thread::sleep(Duration::from_millis(500));
@@ -674,6 +676,7 @@ fn point_in_time_restore_is_exact_at_each_recorded_time() {
         std::thread::scope(|s| {
             stop.store(false, std::sync::atomic::Ordering::Relaxed);
             s.spawn(|| writer(&bed.cluster, &stop));
+            s.spawn(|| pgbench(&bed.cluster, 1));
             if phase == 0 {
                 bed.sql(
                     r#"BEGIN;
@@ -707,12 +710,15 @@ fn point_in_time_restore_is_exact_at_each_recorded_time() {
             stop.store(true, std::sync::atomic::Ordering::Relaxed);
         });
         // Writers paused: this moment and everything's contents, then a gap before more.
-        recorded.push((server_now(&bed.cluster), checksums(&bed.cluster, DB)));
+        recorded.push((
+            server_now(&bed.cluster),
+            checksums_of(&bed.cluster, DB, &PGBENCH_TABLES),
+        ));
         std::thread::sleep(Duration::from_millis(1100));
     }
     // Changes after the last recorded time that a restore to it must not include.
     bed.sql("UPDATE accounts SET balance = -1; INSERT INTO scratch VALUES (99)");
-    let latest = checksums(&bed.cluster, DB);
+    let latest = checksums_of(&bed.cluster, DB, &PGBENCH_TABLES);
     let final_time = server_now(&bed.cluster);
     let covered = covered_past(&bed.tmp.path().join("repo"), &final_time);
     assert!(
@@ -734,7 +740,7 @@ fn point_in_time_restore_is_exact_at_each_recorded_time() {
             );
         }
         assert_eq!(
-            &checksums(&bed.cluster, &name),
+            &checksums_of(&bed.cluster, &name, &PGBENCH_TABLES),
             sums,
             "restore to {at} is not exact"
         );
@@ -780,7 +786,10 @@ fn point_in_time_restore_is_exact_at_each_recorded_time() {
         summary["recovery_point"]["commit_at"].is_string(),
         "{summary:#}"
     );
-    assert_eq!(checksums(&bed.cluster, "app_latest"), latest);
+    assert_eq!(
+        checksums_of(&bed.cluster, "app_latest", &PGBENCH_TABLES),
+        latest
+    );
 
     // Unreachable times fail before anything is created, naming what is reachable.
     restore("app_early", &too_early)
@@ -1025,6 +1034,16 @@ const PGBENCH_TABLES: [&str; 8] = [
     "pgbench_history",
 ];
 
+/// pgbench's tables in `app`, at scale 1 (100,000 accounts).
+fn pgbench_init(cluster: &PgCluster) {
+    let init = cluster
+        .client_command("pgbench")
+        .args(["-i", "-s", "1", "-q", DB])
+        .output()
+        .expect("pgbench -i");
+    assert!(init.status.success(), "{init:?}");
+}
+
 /// Runs pgbench's TPC-B-like load against `app` for `seconds` at a steady rate.
 fn pgbench(cluster: &PgCluster, seconds: u64) {
     let out = cluster
@@ -1051,13 +1070,7 @@ fn capture_into_s3_survives_a_killed_agent_and_a_one_minute_store_outage_under_p
          CREATE TABLE docs (id int PRIMARY KEY); CREATE TABLE events (at timestamptz, what text);
          CREATE TABLE scratch (id int PRIMARY KEY);",
     );
-    let init = bed
-        .cluster
-        .client_command("pgbench")
-        .args(["-i", "-s", "1", "-q", DB])
-        .output()
-        .expect("pgbench -i");
-    assert!(init.status.success(), "{init:?}");
+    pgbench_init(&bed.cluster);
     let port = free_port();
     // pgbench_history has no key: its rows are only ever inserted, as FULL identity allows.
     let config = bed.config_with(
