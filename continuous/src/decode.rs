@@ -390,13 +390,19 @@ fn expect(c: &mut Cursor<'_>, tag: u8) -> Result<(), DecodeError> {
     }
 }
 
-/// Types without an equality operator: a whole-row match compares their text instead.
+/// Types that may lack an equality operator: a whole-row match compares their text (as
+/// pgoutput sent it, output under the same session settings) instead.
 fn needs_text_compare(type_oid: u32) -> bool {
-    // json, xml, point, lseg, box, path, polygon, circle, line, jsonpath
+    // json, xml, point, lseg, box, path, polygon, circle, line, jsonpath, then their arrays;
+    // and every user-defined type (OIDs from 16384: composites, domains, enums, extension
+    // types), which may hold one of those or define no equality at all.
     matches!(
         type_oid,
         114 | 142 | 600 | 601 | 603 | 602 | 604 | 718 | 628 | 4072
-    )
+    ) || matches!(
+        type_oid,
+        199 | 143 | 1017 | 1018 | 1020 | 1019 | 1027 | 719 | 629 | 4073
+    ) || type_oid >= 16384
 }
 
 /// The relations seen so far in the stream, to turn changes into SQL.

@@ -374,7 +374,7 @@ pub async fn apply(
     client
         .execute(
             "SET DateStyle = 'ISO, YMD'; SET IntervalStyle = 'postgres'; SET TimeZone = 'UTC'; \
-             SET synchronous_commit = off",
+             SET extra_float_digits = 3; SET bytea_output = 'hex'; SET synchronous_commit = off",
         )
         .await?;
     // As a subscriber does: the target's triggers and rules already ran on the source.
