@@ -4,6 +4,10 @@
 #
 # Starts a throwaway PostgreSQL 15 with wal_level = logical, initializes pgbench (SCALE), then:
 #   a. pgbench unthrottled for LOAD_SECONDS, capture off          the source's TPS alone
+#   a2. pgbench at RATE tps for RATE_SECONDS, capture off          the server's CPU per transaction
+#       alone: with c, what capture costs a source on its own host, where TPS at saturation
+#       follows CPU per transaction (a and b share two cores with pgbench and dr, so their
+#       TPS difference is mostly contention)
 #   b. dr continuous setup, dr backup (the base), dr agent (segment_seconds = SEGMENT)
 #      pgbench unthrottled for LOAD_SECONDS, capture on            the source's TPS with it,
 #      and how long capture needs to catch up once the load stops (does it sustain that rate?)
@@ -51,6 +55,24 @@ pgbench_tps() { # seconds, extra args...
         tee -a "$tmp/pgbench.log" | awk '/^tps = / { print $3; exit }'
 }
 
+# CPU ticks the whole server has used: the postmaster with its reaped children (pgbench's and
+# capture's sessions end before we look) and the children still running.
+server_ticks() {
+    local pm
+    pm=$(head -n 1 "$tmp/pg/data/postmaster.pid")
+    {
+        awk '{ print $14 + $15 + $16 + $17 }' "/proc/$pm/stat"
+        for c in $(pgrep -P "$pm"); do awk '{ print $14 + $15 }' "/proc/$c/stat" 2>/dev/null || true; done
+    } | awk '{ s += $1 } END { print s }'
+}
+
+# Server CPU milliseconds per transaction over a rate-limited pgbench run of $2 seconds, from
+# ticks $1 (before) to now.
+cpu_ms_per_txn() {
+    awk -v a="$1" -v b="$(server_ticks)" -v hz="$(getconf CLK_TCK)" -v n="$((RATE * $2))" \
+        'BEGIN { printf "%.3f", 1000 * (b - a) / hz / n }'
+}
+
 # Seconds since the epoch, with fractions, of an RFC 3339 time (GNU date).
 epoch() { date -u -d "$1" +%s.%N; }
 
@@ -78,6 +100,13 @@ main() {
     log "a. pgbench ${LOAD_SECONDS}s unthrottled, capture off"
     local tps_off
     tps_off=$(pgbench_tps "$LOAD_SECONDS")
+
+    log "a2. pgbench at $RATE tps for ${RATE_SECONDS}s, capture off; server CPU"
+    local ticks0 cpu_off cpu_on
+    ticks0=$(server_ticks)
+    pgbench_tps "$RATE_SECONDS" -R "$RATE" >/dev/null
+    sleep "$((SEGMENT + 5))"
+    cpu_off=$(cpu_ms_per_txn "$ticks0" "$RATE_SECONDS")
 
     recipient=$("$dr" keygen --output "$tmp/id.txt" 2>/dev/null)
     local agent_port
@@ -131,12 +160,14 @@ TOML
     ticks_before=$(awk '{ print $14 + $15 }' "/proc/$agent_pid/stat")
     local seg_before
     seg_before=$(ls -1 "$tmp/repo/bench/bench/changes" | wc -l)
+    ticks0=$(server_ticks)
     : >"$tmp/rss"
     (while kill -0 "$agent_pid" 2>/dev/null; do awk '/^VmRSS/ { print $2 }' "/proc/$agent_pid/status" >>"$tmp/rss"; sleep 1; done) &
     local sampler=$!
     pgbench_tps "$RATE_SECONDS" -R "$RATE" >/dev/null
     sleep "$((SEGMENT + 5))"
     ticks_after=$(awk '{ print $14 + $15 }' "/proc/$agent_pid/stat")
+    cpu_on=$(cpu_ms_per_txn "$ticks0" "$RATE_SECONDS")
     kill "$sampler" 2>/dev/null || true
     local cpu_pct hwm rss_first rss_last rss_max
     cpu_pct=$(awk -v a="$ticks_before" -v b="$ticks_after" -v hz="$hz" -v s="$((RATE_SECONDS + SEGMENT + 5))" \
@@ -185,6 +216,7 @@ TOML
 | measure | value | target |
 |---|---:|---|
 | source TPS, capture off / on (unthrottled, ${LOAD_SECONDS} s each) | $tps_off / $tps_on ($drop % lower) | ≤ 5 % lower: $(pass "$drop" 5) |
+| source CPU per transaction at $RATE tps, capture off / on (all server processes, decoding included) | $cpu_off / $cpu_on ms ($(awk -v a="$cpu_off" -v b="$cpu_on" 'BEGIN { printf "%.1f", 100 * (b - a) / b }') % of it is capture: the TPS a dedicated, CPU-bound source loses) | ≤ 5 %: $(pass "$(awk -v a="$cpu_off" -v b="$cpu_on" 'BEGIN { printf "%.1f", 100 * (b - a) / b }')" 5) |
 | capture caught up after the unthrottled load (≈ $(awk -v t="$tps_on" 'BEGIN { printf "%.0f", t * 5 }') row changes/s, $changes_b transactions) | $caught_up s after it stopped | sustains the rate if about one segment |
 | lag at $RATE tps, first commit of a segment → stored: p50 / p99 ($segs segments) | $lag_p50 s / $lag_p99 s | p99 ≤ 60 s: $(pass "$lag_p99" 60) |
 | lag, last commit of a segment → stored: best | $lag_min s | |
