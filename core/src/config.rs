@@ -4,6 +4,7 @@
 //! type that validates while deserializing, so an error carries the line it came from and
 //! nothing downstream re-parses strings.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -51,7 +52,35 @@ pub struct Config {
     /// Webhooks told about failures and RPO breaches.
     #[serde(default)]
     pub notify: Vec<NotifyConfig>,
+    /// More repositories (another region, account or disk) that every committed backup and
+    /// change segment is copied to, byte for byte.
+    #[serde(default)]
+    pub copies: Vec<CopyConfig>,
 }
+
+/// `[[copies]]`: a repository the agent copies the primary's stored objects to.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CopyConfig {
+    /// Names the copy in metrics (`repository="…"`), `dr status` and `--repository`.
+    pub name: Name,
+    /// Where it is, exactly like `[storage]`.
+    pub storage: StorageConfig,
+    /// Retention here, per class, where it differs from the class's `keep`.
+    #[serde(default)]
+    pub keep: BTreeMap<String, Duration>,
+    /// How often the agent looks for anything the copy misses (it also copies each backup as
+    /// soon as it is committed).
+    #[serde(default = "default_copy_interval")]
+    pub interval_seconds: u64,
+}
+
+fn default_copy_interval() -> u64 {
+    60
+}
+
+/// The name metrics and `--repository` give the `[storage]` repository.
+pub const PRIMARY: &str = "primary";
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -487,6 +516,40 @@ impl Config {
                 "[encryption] sets both `recipients` and `recipients_file`; keep one".into(),
             ));
         }
+        let mut copy_names = std::collections::BTreeSet::new();
+        for copy in &self.copies {
+            let name = copy.name.as_str();
+            if name == PRIMARY {
+                return Err(invalid(format!(
+                    "[[copies]] name = \"{PRIMARY}\" is reserved for [storage]; choose another name"
+                )));
+            }
+            if !copy_names.insert(name) {
+                return Err(invalid(format!("two [[copies]] are named `{name}`")));
+            }
+            if copy.storage.url == self.storage.url {
+                return Err(invalid(format!(
+                    "copy `{name}` is the [storage] repository itself ({}); a copy must be elsewhere",
+                    copy.storage.url
+                )));
+            }
+            if copy.interval_seconds == 0 {
+                return Err(invalid(format!(
+                    "copy `{name}`: interval_seconds must be at least 1"
+                )));
+            }
+            for class in copy.keep.keys() {
+                if !self
+                    .databases
+                    .iter()
+                    .any(|d| d.classes().any(|c| c == class))
+                {
+                    return Err(invalid(format!(
+                        "copy `{name}` sets keep for class `{class}`, which no database schedules"
+                    )));
+                }
+            }
+        }
         if !(1..=64).contains(&self.agent.max_concurrent_jobs) {
             return Err(invalid(format!(
                 "[agent] max_concurrent_jobs = {} is out of range (1 to 64)",
@@ -613,6 +676,17 @@ impl Config {
             .iter()
             .filter(|d| name.is_none_or(|n| d.name.as_str() == n))
             .collect()
+    }
+
+    /// The storage of repository `name`: `primary` ([storage]) or a copy's.
+    pub fn repository(&self, name: &str) -> Option<&StorageConfig> {
+        if name == PRIMARY {
+            return Some(&self.storage);
+        }
+        self.copies
+            .iter()
+            .find(|c| c.name.as_str() == name)
+            .map(|c| &c.storage)
     }
 
     pub fn database(&self, name: &str) -> Option<&DatabaseConfig> {

@@ -37,10 +37,23 @@ pub struct Decision {
 
 /// Decides for every backup of one database (`backups` in any order).
 pub fn plan(db: &DatabaseConfig, backups: &[Manifest], now: Timestamp) -> Vec<Decision> {
+    plan_with(db, &BTreeMap::new(), backups, now)
+}
+
+/// Like [`plan`], with `overrides` replacing some classes' `keep` (a copy's retention).
+pub fn plan_with(
+    db: &DatabaseConfig,
+    overrides: &BTreeMap<String, crate::config::Duration>,
+    backups: &[Manifest],
+    now: Timestamp,
+) -> Vec<Decision> {
     let keeps: BTreeMap<&str, &crate::config::Duration> = db
         .schedules
         .iter()
-        .map(|s| (s.class.as_str(), &s.keep))
+        .map(|s| {
+            let class = s.class.as_str();
+            (class, overrides.get(class).unwrap_or(&s.keep))
+        })
         .collect();
     let mut sorted: Vec<&Manifest> = backups.iter().collect();
     sorted.sort_by(|a, b| (a.started_at, &a.id).cmp(&(b.started_at, &b.id)));
@@ -213,6 +226,18 @@ pub async fn prune(
     max_backup: std::time::Duration,
     dry_run: bool,
 ) -> Result<PruneReport, crate::storage::StorageError> {
+    prune_with(repo, db, &BTreeMap::new(), now, max_backup, dry_run).await
+}
+
+/// Like [`prune`], with `overrides` replacing some classes' `keep` (a copy's retention).
+pub async fn prune_with(
+    repo: &crate::repo::Repository,
+    db: &DatabaseConfig,
+    overrides: &BTreeMap<String, crate::config::Duration>,
+    now: Timestamp,
+    max_backup: std::time::Duration,
+    dry_run: bool,
+) -> Result<PruneReport, crate::storage::StorageError> {
     let max_backup_seconds = i64::try_from(max_backup.as_secs()).unwrap_or(i64::MAX / 2);
     let database = db.name.as_str();
     let listing = repo.list(Some(database)).await?;
@@ -229,7 +254,7 @@ pub async fn prune(
             ),
         });
     }
-    let decisions = plan(db, &listing.backups, now);
+    let decisions = plan_with(db, overrides, &listing.backups, now);
     let committed: BTreeSet<String> = listing.backups.iter().map(|m| m.id.to_string()).collect();
     let prefix = format!("{}/{database}/backups/", repo.environment());
     let orphans = orphans(

@@ -23,6 +23,11 @@ use dr_drills::report::DrillReport;
 #[derive(clap::Args)]
 #[command(args_conflicts_with_subcommands = true)]
 pub struct Args {
+    /// Read from this repository: `primary` ([storage], the default) or a `[[copies]]`
+    /// name, e.g. when the primary's region is down.
+    #[arg(long, value_name = "NAME")]
+    repository: Option<String>,
+
     #[command(subcommand)]
     history: Option<Sub>,
 
@@ -56,7 +61,7 @@ enum Sub {
 impl Args {
     pub async fn run(self, config_path: &Path) -> anyhow::Result<ExitCode> {
         let config = super::load_config(config_path)?;
-        let repo = super::open_repo(&config).await?;
+        let repo = super::open_repository(&config, self.repository.as_deref()).await?;
         if let Some(Sub::History {
             database,
             json,

@@ -11,6 +11,11 @@ use serde::Serialize;
 /// List backups, oldest first. Reads only manifests: no private key is needed.
 #[derive(clap::Args)]
 pub struct Args {
+    /// Read from this repository: `primary` ([storage], the default) or a `[[copies]]`
+    /// name, e.g. when the primary's region is down.
+    #[arg(long, value_name = "NAME")]
+    repository: Option<String>,
+
     /// Only this database's backups.
     #[arg(long, short)]
     database: Option<String>,
@@ -67,7 +72,7 @@ impl<'a> From<&'a Manifest> for Entry<'a> {
 impl Args {
     pub async fn run(self, config_path: &Path) -> anyhow::Result<ExitCode> {
         let config = super::load_config(config_path)?;
-        let repo = super::open_repo(&config).await?;
+        let repo = super::open_repository(&config, self.repository.as_deref()).await?;
         let listing = repo.list(self.database.as_deref()).await?;
         for problem in &listing.unreadable {
             tracing::warn!(error = %problem, "skipping an unreadable manifest");

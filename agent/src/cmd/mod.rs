@@ -4,6 +4,7 @@ pub mod agent;
 pub mod backup;
 pub mod config;
 pub mod continuous;
+pub mod copy;
 pub mod demo;
 pub mod drill;
 pub mod health;
@@ -37,10 +38,25 @@ pub fn load_config(path: &Path) -> anyhow::Result<Config> {
 }
 
 pub async fn open_repo(config: &Config) -> anyhow::Result<Repository> {
-    let storage = dr_core::storage::open(&config.storage)
+    open_repository(config, None).await
+}
+
+/// The repository `name` (`--repository`): `primary` ([storage], the default) or a copy's.
+pub async fn open_repository(config: &Config, name: Option<&str>) -> anyhow::Result<Repository> {
+    let name = name.unwrap_or(dr_core::config::PRIMARY);
+    let Some(storage) = config.repository(name) else {
+        let known: Vec<&str> = std::iter::once(dr_core::config::PRIMARY)
+            .chain(config.copies.iter().map(|c| c.name.as_str()))
+            .collect();
+        anyhow::bail!(
+            "no repository named `{name}`: the config has {}",
+            known.join(", ")
+        );
+    };
+    let opened = dr_core::storage::open(storage)
         .await
-        .with_context(|| format!("cannot open the repository {}", config.storage.url))?;
-    Ok(Repository::new(storage, config.environment.as_str()))
+        .with_context(|| format!("cannot open the repository {}", storage.url))?;
+    Ok(Repository::new(opened, config.environment.as_str()))
 }
 
 /// Cancels `token` on the first SIGINT or SIGTERM, saying `what` happens next.

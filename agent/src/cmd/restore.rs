@@ -39,6 +39,11 @@ use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 #[derive(clap::Args)]
 #[command(verbatim_doc_comment)]
 pub struct Args {
+    /// Read from this repository: `primary` ([storage], the default) or a `[[copies]]`
+    /// name, e.g. when the primary's region is down.
+    #[arg(long, value_name = "NAME")]
+    repository: Option<String>,
+
     /// The database whose backup to restore, as named in the config.
     #[arg(long, short)]
     database: String,
@@ -200,7 +205,26 @@ impl Args {
             jobs,
             staging_dir,
         };
-        let repo = super::open_repo(&config).await?;
+        let repo = match super::open_repository(&config, self.repository.as_deref()).await {
+            Ok(repo) => repo,
+            Err(e) if self.repository.is_none() => {
+                return Err(copies_instead(&config, &self.database, e).await)
+            }
+            Err(e) => return Err(e),
+        };
+        if self.repository.is_none() && !config.copies.is_empty() {
+            let probe = repo
+                .storage()
+                .list(&format!(
+                    "{}/{}/backups/",
+                    repo.environment(),
+                    self.database
+                ))
+                .await;
+            if let Err(e) = probe {
+                return Err(copies_instead(&config, &self.database, e.into()).await);
+            }
+        }
 
         if let Some(to) = &self.to_time {
             return self.point_in_time(&repo, request, to).await;
@@ -419,4 +443,70 @@ fn progress(watch: Arc<Watch>) -> ProgressBar {
         }
     });
     bar
+}
+
+/// The primary cannot be read: says so, and names the copies that hold backups of
+/// `database` with the exact command that restores from one.
+async fn copies_instead(
+    config: &dr_core::config::Config,
+    database: &str,
+    cause: anyhow::Error,
+) -> anyhow::Error {
+    let mut holders = Vec::new();
+    for copy in &config.copies {
+        let name = copy.name.as_str();
+        let Ok(repo) = super::open_repository(config, Some(name)).await else {
+            continue;
+        };
+        let units = tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            dr_copies::committed_units(&repo, database),
+        )
+        .await;
+        if let Ok(Ok(units)) = units {
+            let backups = units.iter().filter(|u| u.contains("/backups/")).count();
+            if let Some(newest) = units.iter().rev().find(|u| u.contains("/backups/")) {
+                holders.push(format!(
+                    "  {name}: {backups} backup(s), newest {}\n    {}",
+                    newest.rsplit('/').next().unwrap_or_default(),
+                    same_command_with_repository(name)
+                ));
+            }
+        }
+    }
+    if holders.is_empty() {
+        return cause.context(format!(
+            "the primary repository ({}) cannot be read, and no [[copies]] repository holds a backup of `{database}` either",
+            config.storage.url
+        ));
+    }
+    cause.context(format!(
+        "the primary repository ({}) cannot be read. These copies hold backups of `{database}`; restore from one with:\n{}",
+        config.storage.url,
+        holders.join("\n")
+    ))
+}
+
+/// This very command line with `--repository NAME` added after `restore`.
+fn same_command_with_repository(name: &str) -> String {
+    let mut words = Vec::new();
+    let mut added = false;
+    for arg in std::env::args() {
+        let word = if arg.is_empty()
+            || arg.contains(|c: char| !(c.is_ascii_alphanumeric() || "-_./:=@,+%".contains(c)))
+        {
+            format!("'{}'", arg.replace('\'', "'\\''"))
+        } else {
+            arg.clone()
+        };
+        words.push(word);
+        if !added && arg == "restore" {
+            words.push(format!("--repository {name}"));
+            added = true;
+        }
+    }
+    if let Some(first) = words.first_mut() {
+        *first = "dr".to_string();
+    }
+    words.join(" ")
 }

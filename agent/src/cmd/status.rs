@@ -46,6 +46,20 @@ struct Row {
     rpo_status: &'static str,
     next_runs: Vec<String>,
     last_drill: Option<LastDrill>,
+    /// The same database in each `[[copies]]` repository.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    copies: Vec<CopyRow>,
+}
+
+#[derive(Serialize)]
+struct CopyRow {
+    repository: String,
+    last_backup_id: Option<String>,
+    rpo_seconds: Option<i64>,
+    /// `ok`, `breach`, `no_backup`, `no_objective` or `unreachable`.
+    rpo_status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -119,6 +133,18 @@ impl Args {
                     .collect(),
             );
             r.last_drill = last_drill(&repo, db.name.as_str()).await;
+            for copy in &config.copies {
+                r.copies.push(
+                    copy_row(
+                        &config,
+                        copy.name.as_str(),
+                        db.name.as_str(),
+                        objective,
+                        now,
+                    )
+                    .await,
+                );
+            }
             r.restorable_windows = windows;
             rows.push(r);
         }
@@ -175,8 +201,67 @@ impl Args {
                 ]);
             }
             println!("{table}");
+            for r in &rows {
+                for c in &r.copies {
+                    println!(
+                        "copy {}: {} RPO {} ({}){}",
+                        c.repository,
+                        r.database,
+                        c.rpo_seconds
+                            .map(human_duration)
+                            .unwrap_or_else(|| "-".into()),
+                        c.rpo_status.to_uppercase(),
+                        c.error
+                            .as_deref()
+                            .map(|e| format!(": {e}"))
+                            .unwrap_or_default()
+                    );
+                }
+            }
         }
         Ok(ExitCode::SUCCESS)
+    }
+}
+
+async fn copy_row(
+    config: &dr_core::config::Config,
+    name: &str,
+    database: &str,
+    objective: Option<i64>,
+    now: Timestamp,
+) -> CopyRow {
+    let held = async {
+        let repo = super::open_repository(config, Some(name)).await?;
+        Ok::<_, anyhow::Error>(dr_copies::newest_of(&repo, database).await?)
+    };
+    match tokio::time::timeout(std::time::Duration::from_secs(30), held).await {
+        Ok(Ok((id, newest))) => {
+            let rpo = newest.map(|t| now.as_second() - t.as_second());
+            CopyRow {
+                repository: name.to_string(),
+                last_backup_id: id,
+                rpo_seconds: rpo,
+                rpo_status: match (rpo, objective) {
+                    (None, _) => "no_backup",
+                    (Some(_), None) => "no_objective",
+                    (Some(r), Some(o)) if r <= o => "ok",
+                    _ => "breach",
+                },
+                error: None,
+            }
+        }
+        Ok(Err(e)) => unreachable_copy(name, format!("{e:#}")),
+        Err(_) => unreachable_copy(name, "no answer within 30 s".into()),
+    }
+}
+
+fn unreachable_copy(name: &str, error: String) -> CopyRow {
+    CopyRow {
+        repository: name.to_string(),
+        last_backup_id: None,
+        rpo_seconds: None,
+        rpo_status: "unreachable",
+        error: Some(error),
     }
 }
 
@@ -209,6 +294,7 @@ fn row(
         rpo_status,
         next_runs,
         last_drill: None,
+        copies: Vec::new(),
     }
 }
 

@@ -19,6 +19,11 @@ use indicatif::HumanBytes;
 #[derive(clap::Args)]
 #[command(verbatim_doc_comment)]
 pub struct Args {
+    /// Read from this repository: `primary` ([storage], the default) or a `[[copies]]`
+    /// name, e.g. when the primary's region is down.
+    #[arg(long, value_name = "NAME")]
+    repository: Option<String>,
+
     /// Only this database (default: all configured databases).
     #[arg(long, short)]
     database: Option<String>,
@@ -60,7 +65,7 @@ impl Args {
         } else {
             None
         };
-        let repo = super::open_repo(&config).await?;
+        let repo = super::open_repository(&config, self.repository.as_deref()).await?;
         let listing = repo.list(self.database.as_deref()).await?;
         for problem in &listing.unreadable {
             tracing::error!(error = %problem, "unreadable manifest");

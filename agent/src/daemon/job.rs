@@ -306,6 +306,7 @@ pub async fn run_job(shared: &Arc<Shared>, db: &DatabaseConfig, trigger: Trigger
             format!("last backup {} of {name} at {}", m.id, m.started_at),
         );
         update_rpo(shared);
+        shared.committed.send_modify(|n| *n += 1);
         // Still under the lock: no backup of this database is in flight.
         let pruned = dr_core::retention::prune(
             &shared.repo,
@@ -552,10 +553,17 @@ pub fn update_rpo(shared: &Shared) {
         if !ready.contains(name) {
             continue;
         }
-        let labels = db_labels(shared.environment(), name);
         let age = last.get(name).map(|t| now.as_second() - t.as_second());
         if let Some(age) = age {
-            shared.metrics.rpo.get_or_create(&labels).set(age as f64);
+            shared
+                .metrics
+                .rpo
+                .get_or_create(&super::metrics::db_repo(
+                    shared.environment(),
+                    name,
+                    dr_core::config::PRIMARY,
+                ))
+                .set(age as f64);
         }
         let Some(objective) = db.rpo.as_ref().map(|r| r.seconds_at(now)) else {
             continue;
@@ -756,6 +764,7 @@ url = "postgres://nobody@127.0.0.1:1/app"
             breached: Arc::new(Mutex::new(BTreeSet::new())),
             ready: Arc::new(Mutex::new(BTreeSet::new())),
             status: Arc::new(Mutex::new(String::new())),
+            committed: tokio::sync::watch::Sender::new(0),
         })
     }
 

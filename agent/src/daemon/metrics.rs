@@ -16,6 +16,14 @@ pub struct Db {
     pub database: String,
 }
 
+/// A database in one repository: `primary` ([storage]) or a copy's name.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DbRepo {
+    pub environment: String,
+    pub database: String,
+    pub repository: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DbClass {
     pub environment: String,
@@ -44,7 +52,8 @@ pub struct Metrics {
     pub size: Family<DbStage, Gauge>,
     pub failures: Family<Db, Counter>,
     pub skipped: Family<DbReason, Counter>,
-    pub rpo: Family<Db, FloatGauge>,
+    pub rpo: Family<DbRepo, FloatGauge>,
+    pub copy_failures: Family<DbRepo, Counter>,
     pub rpo_objective: Family<Db, FloatGauge>,
     pub drill_last_success: Family<Db, FloatGauge>,
     pub drill_rto: Family<Db, FloatGauge>,
@@ -73,6 +82,7 @@ impl Metrics {
             failures: Family::default(),
             skipped: Family::default(),
             rpo: Family::default(),
+            copy_failures: Family::default(),
             rpo_objective: Family::default(),
             drill_last_success: Family::default(),
             drill_rto: Family::default(),
@@ -115,8 +125,13 @@ impl Metrics {
         );
         m.registry.register(
             "dr_rpo_seconds",
-            "Age of the newest good backup: the data an incident now would lose",
+            "Age of the newest good backup (or, with continuous capture, of the newest stored change) in each repository: the data an incident now would lose",
             m.rpo.clone(),
+        );
+        m.registry.register(
+            "dr_copy_failures",
+            "Backups and change segments that could not be copied to a [[copies]] repository (retried on the next pass)",
+            m.copy_failures.clone(),
         );
         m.registry.register(
             "dr_rpo_objective_seconds",
@@ -199,5 +214,13 @@ pub fn db(environment: &str, database: &str) -> Db {
     Db {
         environment: environment.to_string(),
         database: database.to_string(),
+    }
+}
+
+pub fn db_repo(environment: &str, database: &str, repository: &str) -> DbRepo {
+    DbRepo {
+        environment: environment.to_string(),
+        database: database.to_string(),
+        repository: repository.to_string(),
     }
 }

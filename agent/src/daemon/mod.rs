@@ -6,6 +6,7 @@
 //! - [`metrics`] and [`http`]: Prometheus metrics and `/healthz`.
 //! - [`notify`]: webhook notifications, sent in the background.
 //! - [`continuous`]: the health of continuous databases' slots and publications.
+//! - [`copies`]: copying to `[[copies]]` repositories, their retention and RPO.
 //!
 //! Shaped like mini-redis's server: every task is told to stop through a token and the
 //! process waits for them. Two tokens: `stop` ends scheduling (SIGHUP reload lets running
@@ -13,6 +14,7 @@
 //! its own: at start every database's last backups and RPO are rebuilt from the repository.
 
 pub mod continuous;
+pub mod copies;
 pub mod http;
 pub mod job;
 pub mod lock;
@@ -65,6 +67,8 @@ pub struct Shared {
     /// Databases whose state was rebuilt from the repository (RPO is unknown before).
     pub ready: Arc<Mutex<BTreeSet<String>>>,
     pub status: Arc<Mutex<String>>,
+    /// Bumped when a backup is committed: copy loops copy it at once.
+    pub committed: tokio::sync::watch::Sender<u64>,
 }
 
 impl Shared {
@@ -150,6 +154,7 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<ExitCode> {
             breached: breached.clone(),
             ready: ready.clone(),
             status: status.clone(),
+            committed: tokio::sync::watch::Sender::new(0),
         });
         let stop = CancellationToken::new();
         let tasks = start_generation(&shared, &stop, &heartbeat);
@@ -241,6 +246,9 @@ fn start_generation(
         if db.drill.as_ref().is_some_and(|d| d.cron.is_some()) {
             tasks.spawn(job::drill_loop(shared.clone(), name, stop.clone()));
         }
+    }
+    for index in 0..shared.config.copies.len() {
+        tasks.spawn(copies::copy_loop(shared.clone(), index, stop.clone()));
     }
     let (s, stop, hb) = (shared.clone(), stop.clone(), heartbeat.clone());
     tasks.spawn(async move {

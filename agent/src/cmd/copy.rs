@@ -1,0 +1,109 @@
+//! `dr copy`: catch the `[[copies]]` repositories up with the primary now.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+/// Copy every committed backup and change segment the primary holds and a copy lacks, byte
+/// for byte (no key needed), manifest last, checking each object's size and sha256 against
+/// the primary's manifest.
+///
+/// The agent does this by itself after each backup and every `interval_seconds`; run it by
+/// hand after an outage of a copy, or to fill a new one. Exits 1 if anything could not be
+/// copied (it is tried again next time; nothing copied is lost).
+///
+///   dr copy                      # every copy
+///   dr copy --to eu-west --json  # one copy, a report for scripts
+#[derive(clap::Args)]
+#[command(verbatim_doc_comment)]
+pub struct Args {
+    /// Only this copy (a `[[copies]]` name; default: all of them).
+    #[arg(long)]
+    to: Option<String>,
+
+    /// Only this database (default: all configured databases).
+    #[arg(long, short)]
+    database: Option<String>,
+
+    /// JSON for scripts: per copy, what was copied and what failed.
+    #[arg(long)]
+    json: bool,
+}
+
+impl Args {
+    pub async fn run(self, config_path: &Path) -> anyhow::Result<ExitCode> {
+        let config = super::load_config(config_path)?;
+        if config.copies.is_empty() {
+            anyhow::bail!(
+                "the config has no [[copies]]: add one (see `dr config check` and the README's \"Copies\") to copy backups to another repository"
+            );
+        }
+        let copies: Vec<_> = config
+            .copies
+            .iter()
+            .filter(|c| self.to.as_deref().is_none_or(|t| t == c.name.as_str()))
+            .collect();
+        if copies.is_empty() {
+            let names: Vec<&str> = config.copies.iter().map(|c| c.name.as_str()).collect();
+            anyhow::bail!(
+                "no copy named `{}`: the config has {}",
+                self.to.as_deref().unwrap_or_default(),
+                names.join(", ")
+            );
+        }
+        let databases: Vec<String> = config
+            .databases_named(self.database.as_deref())
+            .iter()
+            .map(|d| d.name.to_string())
+            .collect();
+        if databases.is_empty() {
+            anyhow::bail!(
+                "no configured database matches {}",
+                self.database.as_deref().unwrap_or("(none configured)")
+            );
+        }
+        let src = super::open_repo(&config).await?;
+        let mut reports = Vec::new();
+        let mut failed = false;
+        for copy in copies {
+            let name = copy.name.as_str();
+            let result = async {
+                let dst = super::open_repository(&config, Some(name)).await?;
+                Ok::<_, anyhow::Error>(dr_copies::copy_missing(&src, &dst, name, &databases).await?)
+            }
+            .await;
+            match result {
+                Ok(r) => {
+                    failed |= !r.errors.is_empty();
+                    if !self.json {
+                        for unit in &r.copied {
+                            println!("copied  {unit}  -> {name}");
+                        }
+                        println!(
+                            "{name}: {} copied ({}), {} already there, {} failed",
+                            r.copied.len(),
+                            indicatif::HumanBytes(r.bytes),
+                            r.present,
+                            r.errors.len()
+                        );
+                        for e in &r.errors {
+                            eprintln!("error: {e}");
+                        }
+                    }
+                    reports.push(r);
+                }
+                Err(e) => {
+                    failed = true;
+                    crate::print_error(&e.context(format!("copy `{name}` failed; nothing of it was lost, run `dr copy --to {name}` again")));
+                }
+            }
+        }
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(&reports)?);
+        }
+        Ok(if failed {
+            ExitCode::FAILURE
+        } else {
+            ExitCode::SUCCESS
+        })
+    }
+}

@@ -1,0 +1,206 @@
+//! One loop per `[[copies]]` repository: copy what the primary holds and the copy lacks (as
+//! soon as a backup is committed, and every `interval_seconds` for change segments and for
+//! catching up after an outage), then apply the copy's own retention, and keep its RPO.
+//!
+//! A copy's failures never touch the primary's backups: they are logged, counted
+//! (`dr_copy_failures_total`), and show as that repository's RPO, which alerts like the
+//! primary's when it passes the database's objective.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dr_core::config::NotifyEvent;
+use dr_core::repo::Repository;
+use jiff::Timestamp;
+use tokio_util::sync::CancellationToken;
+
+use super::metrics::db_repo;
+use super::Shared;
+
+/// RPO gauges move this often between passes.
+const TICK: Duration = Duration::from_secs(5);
+
+pub async fn copy_loop(shared: Arc<Shared>, index: usize, stop: CancellationToken) {
+    let config = shared.config.clone();
+    let copy = &config.copies[index];
+    let name = copy.name.as_str();
+    let interval = Duration::from_secs(copy.interval_seconds);
+    let mut committed = shared.committed.subscribe();
+    let databases: Vec<String> = config
+        .databases
+        .iter()
+        .map(|d| d.name.to_string())
+        .collect();
+    let mut dst: Option<Repository> = None;
+    // Per database, the newest moment the copy can restore, as of its last good pass.
+    let mut newest: HashMap<String, Timestamp> = HashMap::new();
+    let mut due = tokio::time::Instant::now();
+    loop {
+        if tokio::time::Instant::now() >= due {
+            due = tokio::time::Instant::now() + interval;
+            if dst.is_none() {
+                match dr_core::storage::open(&copy.storage).await {
+                    Ok(storage) => dst = Some(Repository::new(storage, shared.environment())),
+                    Err(e) => {
+                        tracing::warn!(repository = name, error = %e, "cannot open the copy repository; retrying")
+                    }
+                }
+            }
+            if let Some(dst) = &dst {
+                pass(&shared, index, dst, &databases, &mut newest).await;
+            }
+        }
+        rpo(&shared, name, &newest);
+        tokio::select! {
+            _ = tokio::time::sleep(TICK.min(due.saturating_duration_since(tokio::time::Instant::now()))) => {}
+            changed = committed.changed() => {
+                // A backup was committed: copy it now.
+                if changed.is_ok() {
+                    due = tokio::time::Instant::now();
+                }
+            }
+            _ = stop.cancelled() => return,
+        }
+    }
+}
+
+async fn pass(
+    shared: &Shared,
+    index: usize,
+    dst: &Repository,
+    databases: &[String],
+    newest: &mut HashMap<String, Timestamp>,
+) {
+    let copy = &shared.config.copies[index];
+    let name = copy.name.as_str();
+    let env = shared.environment();
+    let report = tokio::select! {
+        r = dr_copies::copy_missing(&shared.repo, dst, name, databases) => r,
+        _ = shared.abort.cancelled() => return,
+    };
+    let report = match report {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(repository = name, error = %e, "copy pass failed; retrying");
+            for db in databases {
+                shared
+                    .metrics
+                    .copy_failures
+                    .get_or_create(&db_repo(env, db, name))
+                    .inc();
+            }
+            return;
+        }
+    };
+    for e in &report.errors {
+        let db = e.split('/').nth(1).unwrap_or_default();
+        shared
+            .metrics
+            .copy_failures
+            .get_or_create(&db_repo(env, db, name))
+            .inc();
+    }
+    if report.bytes > 0 {
+        tracing::info!(
+            repository = name,
+            units = report.copied.len(),
+            bytes = report.bytes,
+            "copied to the copy repository"
+        );
+    }
+    newest.extend(report.newest.clone());
+
+    // The copy's own retention, only once it holds everything it can.
+    if !report.errors.is_empty() {
+        return;
+    }
+    for db in &shared.config.databases {
+        let pruned = dr_core::retention::prune_with(
+            dst,
+            db,
+            &copy.keep,
+            Timestamp::now(),
+            shared.config.job_timeout(),
+            false,
+        )
+        .await;
+        match pruned {
+            Ok(r) => {
+                for e in &r.errors {
+                    tracing::warn!(repository = name, database = %db.name, error = %e, "prune of the copy could not delete something");
+                }
+                if let Err(e) = super::continuous::prune_segments(
+                    dst,
+                    db,
+                    &r,
+                    shared.config.job_timeout(),
+                    false,
+                )
+                .await
+                {
+                    tracing::warn!(repository = name, database = %db.name, error = %e, "segment prune of the copy failed");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(repository = name, database = %db.name, error = %e, "prune of the copy failed")
+            }
+        }
+    }
+}
+
+/// Sets the copy's RPO gauges and notifies a breach or recovery once each, like the
+/// primary's (`update_rpo`).
+fn rpo(shared: &Shared, name: &str, newest: &HashMap<String, Timestamp>) {
+    let now = Timestamp::now();
+    for db in &shared.config.databases {
+        let database = db.name.as_str();
+        let age = newest
+            .get(database)
+            .map(|t| now.as_second() - t.as_second());
+        if let Some(age) = age {
+            shared
+                .metrics
+                .rpo
+                .get_or_create(&db_repo(shared.environment(), database, name))
+                .set(age as f64);
+        }
+        let Some(objective) = db.rpo.as_ref().map(|r| r.seconds_at(now)) else {
+            continue;
+        };
+        let breach = age.is_none_or(|a| a > objective);
+        let key = format!("{database}@{name}");
+        let message = |what: &str| {
+            match age {
+            Some(a) => format!(
+                "{what} in copy `{name}`: its newest backup is {a} s old, objective {objective} s"
+            ),
+            None => format!("{what} in copy `{name}`: it holds no backup yet (or cannot be reached), objective {objective} s"),
+        }
+        };
+        let mut breached = shared.breached.lock().expect("breached");
+        if breach && breached.insert(key.clone()) {
+            tracing::error!(
+                database,
+                repository = name,
+                "RPO objective breached in a copy"
+            );
+            shared.notifier.send(shared.event(
+                NotifyEvent::RpoBreach,
+                Some(database),
+                message("RPO breach"),
+            ));
+        } else if !breach && breached.remove(&key) {
+            tracing::info!(
+                database,
+                repository = name,
+                "RPO objective met again in a copy"
+            );
+            shared.notifier.send(shared.event(
+                NotifyEvent::RpoRecovered,
+                Some(database),
+                message("RPO recovered"),
+            ));
+        }
+    }
+}
