@@ -94,7 +94,7 @@ fn main() -> ExitCode {
             Command::Notify(c) => c.run(&cli.config).await,
             Command::Status(args) => args.run(&cli.config).await,
             Command::Keygen(args) => args.run(),
-            Command::Config(c) => c.run(&cli.config),
+            Command::Config(c) => c.run(&cli.config).await,
             Command::Continuous(c) => c.run(&cli.config).await,
         }
     });

@@ -255,11 +255,23 @@ pub async fn capture_segment(
         schema_changed,
     };
     let json = serde_json::to_vec_pretty(&manifest).expect("a manifest serializes");
+    // Object Lock: a segment lives as long as the bases it serves (the database's longest
+    // keep); locked before its manifest commits it, like a backup.
+    let until = target.repo.locked_until(db.name.as_str(), &[], taken_at);
+    if let Some(until) = until {
+        target
+            .repo
+            .lock_objects(&dir, &[DATA_OBJECT], until)
+            .await?;
+    }
     target
         .repo
         .storage()
         .put(&format!("{dir}/{MANIFEST}"), Bytes::from(json))
         .await?;
+    if let Some(until) = until {
+        target.repo.lock_objects(&dir, &[MANIFEST], until).await?;
+    }
     // Durable: only now may the source forget these changes.
     client
         .query(

@@ -26,6 +26,9 @@ pub struct SegmentPrune {
     pub orphans: Vec<String>,
     /// Committed segments kept.
     pub kept: usize,
+    /// Segments no kept base needs that Object Lock still protects, with the date: they go
+    /// at the first prune after it.
+    pub locked: Vec<String>,
     /// The oldest retained base the kept segments start from, if any.
     pub oldest_base: Option<String>,
     pub dry_run: bool,
@@ -84,6 +87,13 @@ pub async fn prune_segments(
     report.kept = segments.len() - unneeded;
 
     for s in &segments[..unneeded] {
+        if let Some(until) = repo
+            .locked_until(database, &[], s.taken_at)
+            .filter(|u| *u > now)
+        {
+            report.locked.push(format!("{} (until {until})", s.id));
+            continue;
+        }
         report.deleted.push(s.id.clone());
         if !dry_run {
             let keys = dirs.get(&s.id).cloned().unwrap_or_default();

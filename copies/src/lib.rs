@@ -215,11 +215,46 @@ async fn copy_unit(src: &Repository, dst: &Repository, dir: &str) -> Result<u64,
             None => return Err(format!("{key} is not listed at the destination")),
         }
     }
+    // Object Lock at the destination: objects before the manifest commits them.
+    let until = lock_until(dst, dir, &manifest);
+    let names: Vec<&str> = objects.iter().map(|o| o.name.as_str()).collect();
+    if let Some(until) = until {
+        dst.lock_objects(dir, &names, until)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
     dst.storage()
         .put(&manifest_key, manifest)
         .await
         .map_err(|e| e.to_string())?;
+    if let Some(until) = until {
+        dst.lock_objects(dir, &[MANIFEST], until)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
     Ok(bytes)
+}
+
+/// Until when `repo` locks the unit in `dir`: a backup by its classes and start, a segment
+/// by its capture time and the database's longest keep.
+fn lock_until(repo: &Repository, dir: &str, manifest: &[u8]) -> Option<Timestamp> {
+    repo.object_lock()?;
+    let value: serde_json::Value = serde_json::from_slice(manifest).ok()?;
+    let database = dir.split('/').nth(1)?;
+    let classes: Vec<String> = value["classes"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|c| c.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    let at = value["started_at"]
+        .as_str()
+        .or(value["taken_at"].as_str())?
+        .parse::<Timestamp>()
+        .ok()?;
+    repo.locked_until(database, &classes, at)
 }
 
 /// Streams one object into a multipart upload, completing it only if its size and sha256

@@ -135,6 +135,9 @@ pub struct StorageConfig {
     /// seconds fails; a slow transfer that moves never does.
     #[serde(default = "default_idle_timeout_secs")]
     pub idle_timeout_secs: u64,
+    /// S3 Object Lock: every stored object is locked until its backup's longest `keep` (plus
+    /// a day) has passed. The bucket must have Object Lock enabled.
+    pub object_lock: Option<crate::storage::LockMode>,
 }
 
 fn default_idle_timeout_secs() -> u64 {
@@ -516,6 +519,18 @@ impl Config {
                 "[encryption] sets both `recipients` and `recipients_file`; keep one".into(),
             ));
         }
+        let repositories = std::iter::once(("[storage]".to_string(), &self.storage)).chain(
+            self.copies
+                .iter()
+                .map(|c| (format!("copy `{}`", c.name), &c.storage)),
+        );
+        for (owner, storage) in repositories {
+            if let (Some(mode), StorageUrl::File(_)) = (storage.object_lock, &storage.url) {
+                return Err(invalid(format!(
+                    "{owner} sets object_lock = \"{mode}\" on a file:// repository; Object Lock is an S3 feature (remove it, or use an S3 bucket with Object Lock enabled)"
+                )));
+            }
+        }
         let mut copy_names = std::collections::BTreeSet::new();
         for copy in &self.copies {
             let name = copy.name.as_str();
@@ -676,6 +691,36 @@ impl Config {
             .iter()
             .filter(|d| name.is_none_or(|n| d.name.as_str() == n))
             .collect()
+    }
+
+    /// How objects written to repository `name` are locked, if it sets `object_lock`.
+    pub fn object_lock(&self, name: &str) -> Option<crate::repo::ObjectLock> {
+        let mode = self.repository(name)?.object_lock?;
+        let overrides = self
+            .copies
+            .iter()
+            .find(|c| c.name.as_str() == name)
+            .map(|c| &c.keep);
+        let keeps = self
+            .databases
+            .iter()
+            .map(|db| {
+                let classes = db
+                    .schedules
+                    .iter()
+                    .map(|s| {
+                        let class = s.class.to_string();
+                        let keep = overrides
+                            .and_then(|o| o.get(&class))
+                            .unwrap_or(&s.keep)
+                            .clone();
+                        (class, keep)
+                    })
+                    .collect();
+                (db.name.to_string(), classes)
+            })
+            .collect();
+        Some(crate::repo::ObjectLock { mode, keeps })
     }
 
     /// The storage of repository `name`: `primary` ([storage]) or a copy's.

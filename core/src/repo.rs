@@ -8,9 +8,11 @@
 //! A backup exists only when its `manifest.json` does; listing reads manifests and nothing
 //! else, so it needs no private key.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use jiff::Timestamp;
 
 use crate::manifest::{BackupId, Manifest, ManifestError};
 use crate::storage::{Storage, StorageError};
@@ -32,6 +34,7 @@ pub enum RepoError {
 pub struct Repository {
     storage: Arc<dyn Storage>,
     environment: String,
+    lock: Option<ObjectLock>,
 }
 
 /// What listing found: readable manifests, and the ones that could not be read.
@@ -47,7 +50,48 @@ impl Repository {
         Repository {
             storage,
             environment: environment.to_string(),
+            lock: None,
         }
+    }
+
+    /// Every backup committed here is locked (S3 Object Lock) by `lock`.
+    pub fn with_lock(mut self, lock: Option<ObjectLock>) -> Self {
+        self.lock = lock;
+        self
+    }
+
+    pub fn object_lock(&self) -> Option<&ObjectLock> {
+        self.lock.as_ref()
+    }
+
+    /// Until when this repository locks a backup of `database` started `at` in `classes`;
+    /// `None` without Object Lock.
+    pub fn locked_until(
+        &self,
+        database: &str,
+        classes: &[String],
+        at: Timestamp,
+    ) -> Option<Timestamp> {
+        self.lock.as_ref().map(|l| l.until(database, classes, at))
+    }
+
+    /// Locks the objects `names` of the unit in `dir` until `until`, when this repository
+    /// locks at all.
+    pub async fn lock_objects(
+        &self,
+        dir: &str,
+        names: &[&str],
+        until: Timestamp,
+    ) -> Result<(), StorageError> {
+        let Some(lock) = &self.lock else {
+            return Ok(());
+        };
+        for name in names {
+            self.storage
+                .retain(&format!("{dir}/{name}"), lock.mode, until)
+                .await?;
+        }
+        Ok(())
     }
 
     pub fn storage(&self) -> &dyn Storage {
@@ -67,11 +111,23 @@ impl Repository {
     }
 
     /// Writes the manifest: the commit point of a backup.
+    /// With Object Lock, the data objects are locked first (a backup that cannot be locked
+    /// is not committed), then the manifest once written.
     pub async fn commit(&self, manifest: &Manifest) -> Result<(), StorageError> {
+        let dir = self.backup_dir(&manifest.database, &manifest.id);
+        let until = self.locked_until(&manifest.database, &manifest.classes, manifest.started_at);
+        if let Some(until) = until {
+            let names: Vec<&str> = manifest.objects.iter().map(|o| o.name.as_str()).collect();
+            self.lock_objects(&dir, &names, until).await?;
+        }
         let key = self.object_key(&manifest.database, &manifest.id, MANIFEST);
         self.storage
             .put(&key, Bytes::from(manifest.to_json()))
-            .await
+            .await?;
+        if let Some(until) = until {
+            self.lock_objects(&dir, &[MANIFEST], until).await?;
+        }
+        Ok(())
     }
 
     /// Every backup of this environment (or of one database), oldest first.
@@ -121,6 +177,48 @@ impl Repository {
         }
         Ok(())
     }
+}
+
+/// Objects are locked this long past their backup's longest `keep`: retention deletes a
+/// backup once `keep` has passed, so the lock must not outlive it by much, nor end before.
+pub const LOCK_MARGIN_DAYS: i64 = 1;
+
+/// S3 Object Lock for a repository: each backup's objects are locked until its start plus
+/// the longest `keep` among its classes, plus [`LOCK_MARGIN_DAYS`].
+#[derive(Debug, Clone)]
+pub struct ObjectLock {
+    pub mode: crate::storage::LockMode,
+    /// Per database, each scheduled class's `keep` (a copy's overrides applied).
+    pub keeps: BTreeMap<String, BTreeMap<String, crate::config::Duration>>,
+}
+
+impl ObjectLock {
+    /// Until when a backup of `database` started `at` in `classes` stays locked. A class
+    /// without a schedule (`manual`) or no class at all takes the database's longest keep.
+    pub fn until(&self, database: &str, classes: &[String], at: Timestamp) -> Timestamp {
+        let keeps = self.keeps.get(database);
+        let longest_of = |pick: &mut dyn Iterator<Item = &crate::config::Duration>| {
+            pick.map(|d| after(at, d)).max()
+        };
+        let by_class = keeps.and_then(|k| longest_of(&mut classes.iter().filter_map(|c| k.get(c))));
+        let longest = keeps.and_then(|k| longest_of(&mut k.values()));
+        let end = by_class
+            .filter(|_| {
+                classes
+                    .iter()
+                    .all(|c| keeps.is_some_and(|k| k.contains_key(c)))
+            })
+            .or(longest)
+            .unwrap_or(at);
+        end + jiff::SignedDuration::from_hours(24 * LOCK_MARGIN_DAYS)
+    }
+}
+
+fn after(at: Timestamp, keep: &crate::config::Duration) -> Timestamp {
+    at.to_zoned(jiff::tz::TimeZone::UTC)
+        .checked_add(keep.span())
+        .map(|z| z.timestamp())
+        .unwrap_or(Timestamp::MAX)
 }
 
 /// `<env>/<db>/backups/<id>/manifest.json`

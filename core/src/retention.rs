@@ -254,7 +254,20 @@ pub async fn prune_with(
             ),
         });
     }
-    let decisions = plan_with(db, overrides, &listing.backups, now);
+    let mut decisions = plan_with(db, overrides, &listing.backups, now);
+    // Never try to delete what Object Lock still protects: it goes once the lock expires.
+    for d in decisions.iter_mut().filter(|d| !d.keep) {
+        if let Some(until) = repo
+            .locked_until(database, &d.classes, d.started_at)
+            .filter(|u| *u > now)
+        {
+            d.keep = true;
+            d.reason = format!(
+                "{}, but locked until {until} (object lock): deleted by the first prune after that",
+                d.reason
+            );
+        }
+    }
     let committed: BTreeSet<String> = listing.backups.iter().map(|m| m.id.to_string()).collect();
     let prefix = format!("{}/{database}/backups/", repo.environment());
     let orphans = orphans(

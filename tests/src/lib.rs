@@ -15,6 +15,7 @@ mod pgbin;
 mod proxy;
 mod repo;
 mod s3;
+mod seaweed;
 mod seed;
 mod tools;
 mod util;
@@ -29,6 +30,7 @@ pub use pgbin::postgresql_binaries;
 pub use proxy::{Direction, Fault, FaultProxy, ThrottledProxy};
 pub use repo::{BackupEntry, Repo};
 pub use s3::S3;
+pub use seaweed::{seaweed_binary, Seaweed, REGION as SEAWEED_REGION};
 pub use seed::{create_seeded, seed, seed_incompressible, table_hashes, SEED_BIG_ROWS, SEED_ROLE};
 pub use tools::{
     decrypt_to_bytes, keygen, sha256_hex, stock_restore, tool_dir, write_script, write_secret_file,

@@ -66,6 +66,75 @@ impl S3 {
             .unwrap_or_else(|e| panic!("S3 put {bucket}/{key}: {}", describe(&e)));
     }
 
+    /// Whether the server answers ListBuckets with these credentials.
+    pub fn try_list_buckets(&self) -> Result<(), String> {
+        self.runtime
+            .block_on(self.client.list_buckets().send())
+            .map(|_| ())
+            .map_err(|e| describe(&e))
+    }
+
+    /// Creates `bucket` with Object Lock enabled (which turns on versioning).
+    pub fn create_locked_bucket(&self, bucket: &str) {
+        self.runtime
+            .block_on(
+                self.client
+                    .create_bucket()
+                    .bucket(bucket)
+                    .object_lock_enabled_for_bucket(true)
+                    .send(),
+            )
+            .unwrap_or_else(|e| panic!("S3 create bucket {bucket}: {}", describe(&e)));
+    }
+
+    /// The Object Lock retention of `bucket`/`key`: (mode, retain-until in seconds).
+    pub fn retention(&self, bucket: &str, key: &str) -> Option<(String, i64)> {
+        let out = self
+            .runtime
+            .block_on(
+                self.client
+                    .get_object_retention()
+                    .bucket(bucket)
+                    .key(key)
+                    .send(),
+            )
+            .ok()?;
+        let r = out.retention()?;
+        Some((
+            r.mode()?.as_str().to_string(),
+            r.retain_until_date()?.secs(),
+        ))
+    }
+
+    /// Deletes every stored version of `bucket`/`key` (what an attacker with delete rights
+    /// would do); the first refusal is returned.
+    pub fn delete_all_versions(&self, bucket: &str, key: &str) -> Result<(), String> {
+        self.runtime.block_on(async {
+            let versions = self
+                .client
+                .list_object_versions()
+                .bucket(bucket)
+                .prefix(key)
+                .send()
+                .await
+                .map_err(|e| describe(&e))?;
+            for v in versions.versions() {
+                if v.key() != Some(key) {
+                    continue;
+                }
+                self.client
+                    .delete_object()
+                    .bucket(bucket)
+                    .key(key)
+                    .set_version_id(v.version_id().map(str::to_string))
+                    .send()
+                    .await
+                    .map_err(|e| describe(&e))?;
+            }
+            Ok(())
+        })
+    }
+
     /// The object at `bucket`/`key`.
     pub fn get(&self, bucket: &str, key: &str) -> Vec<u8> {
         self.runtime.block_on(async {

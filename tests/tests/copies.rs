@@ -1,16 +1,19 @@
-//! End-to-end tests of `[[copies]]`: the built `dr` against real PostgreSQL and Garage.
+//! End-to-end tests of `[[copies]]` and Object Lock: the built `dr` against real
+//! PostgreSQL, Garage, and SeaweedFS (which enforces Object Lock; Garage ignores it).
 //!
 //! What they prove: every committed backup reaches each copy byte for byte, manifest last;
 //! a copy that was down catches up by itself; a damaged primary object is never copied;
 //! when the primary cannot be read, `dr restore` names the copies that hold the backup with
-//! the exact command, and restoring from a copy gives the same database.
+//! the exact command, and restoring from a copy gives the same database. With Object Lock
+//! every object carries its retention date, the store refuses to delete it, and prune keeps
+//! what is still locked; where locking cannot work, config check says so.
 
 use std::fs;
 use std::time::Duration;
 
 use dr_tests::{
     create_seeded, database_toml, encryption_toml, free_port, metric_value, table_hashes,
-    wait_until, write_config, Agent, BedBase, Dr, DrOutput, Garage, Storage,
+    wait_until, write_config, Agent, BedBase, Dr, DrOutput, Garage, Seaweed, Storage,
 };
 use serde_json::Value;
 
@@ -258,4 +261,135 @@ fn with_the_primary_down_restore_names_the_copy_and_restores_from_it() {
         .args(["list", "--repository", "nowhere"])
         .run()
         .assert_failure_mentions(&["no repository named `nowhere`", "primary, local"]);
+}
+
+#[test]
+fn object_lock_protects_every_object_and_prune_waits_for_it() {
+    let base = BedBase::file("dr-lock-");
+    create_seeded(&base.cluster, DB);
+    let weed = Seaweed::start();
+    let s3 = weed.client();
+    s3.create_locked_bucket("locked");
+    let storage = Storage::S3 {
+        bucket: "locked".into(),
+        prefix: "dr".into(),
+        endpoint: weed.endpoint(),
+        region: dr_tests::SEAWEED_REGION.into(),
+    };
+    // `daily` keeps a backup one second, so the older of two is expired at once; its lock
+    // (keep plus a day) is not.
+    let db =
+        database_toml(DB, &base.cluster.url(DB), None).replace("keep = \"30d\"", "keep = \"1s\"");
+    let body = encryption_toml(&[&base.keys.recipient], Some(&base.keys.identity)) + &db;
+    let config = write_config(base.dir(), &storage, &body);
+    let text = fs::read_to_string(&config).unwrap().replace(
+        "path_style = true\n",
+        "path_style = true\nobject_lock = \"compliance\"\n",
+    );
+    fs::write(&config, text).unwrap();
+    let dr = || {
+        Dr::new(&config)
+            .envs(weed.env())
+            .env("PGPASSWORD", base.cluster.password())
+    };
+    let check = dr().args(["config", "check"]).run();
+    check.assert_success();
+    assert!(
+        check.stdout.contains("Object Lock enabled"),
+        "{}",
+        check.stdout
+    );
+
+    let old = dr()
+        .args(["backup", "--database", DB, "--class", "daily"])
+        .run()
+        .assert_one_backup_id();
+    std::thread::sleep(Duration::from_millis(1100));
+    let new = dr()
+        .args(["backup", "--database", DB, "--class", "daily"])
+        .run()
+        .assert_one_backup_id();
+
+    // Every object of the backup, manifest included, carries the retention date.
+    let listed_old = json(&dr().args(["list", "--database", DB, "--json"]).run());
+    let started: jiff::Timestamp = listed_old[0]["started_at"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let want = started.as_second() + 1 + 24 * 3600;
+    for object in ["data.dump.zst.age", "globals.sql.zst.age", "manifest.json"] {
+        let key = format!("dr/test/{DB}/backups/{old}/{object}");
+        let (mode, until) = s3
+            .retention("locked", &key)
+            .unwrap_or_else(|| panic!("{key} carries no retention"));
+        assert_eq!(mode, "COMPLIANCE");
+        assert!(
+            (until - want).abs() <= 2,
+            "{key} locked until {until}, expected {want}"
+        );
+    }
+    // The store itself refuses to delete it, whatever the credentials.
+    let key = format!("dr/test/{DB}/backups/{old}/data.dump.zst.age");
+    let refused = s3.delete_all_versions("locked", &key);
+    assert!(refused.is_err(), "a locked object was deleted");
+
+    // Prune keeps the expired backup, saying until when, and deletes nothing.
+    let out = dr().args(["prune", "--json"]).run();
+    out.assert_success();
+    let report = json(&out);
+    let decision = report[0]["decisions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["backup_id"] == old.as_str())
+        .cloned()
+        .unwrap();
+    assert_eq!(decision["keep"], true, "{report:#}");
+    assert!(
+        decision["reason"]
+            .as_str()
+            .unwrap()
+            .contains("locked until"),
+        "{decision:#}"
+    );
+    let ids: Vec<String> = json(&dr().args(["list", "--database", DB, "--json"]).run())
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids, vec![old, new]);
+}
+
+#[test]
+fn object_lock_is_refused_where_it_cannot_work() {
+    let base = BedBase::file("dr-lock-");
+    let body = encryption_toml(&[&base.keys.recipient], None)
+        + &database_toml(DB, &base.cluster.url(DB), None);
+    let config = write_config(base.dir(), &base.storage, &body);
+    let text = fs::read_to_string(&config).unwrap().replace(
+        "[encryption]",
+        "object_lock = \"governance\"\n\n[encryption]",
+    );
+    fs::write(&config, text).unwrap();
+    Dr::new(&config)
+        .args(["config", "check"])
+        .run()
+        .assert_failure_mentions(&["file://", "Object Lock is an S3 feature"]);
+
+    // Garage does not implement Object Lock: config check says so, not "OK".
+    let garage = Garage::start();
+    let storage = Storage::garage(&garage, "locked");
+    let config = write_config(base.dir(), &storage, &body);
+    let text = fs::read_to_string(&config).unwrap().replace(
+        "path_style = true\n",
+        "path_style = true\nobject_lock = \"compliance\"\n",
+    );
+    fs::write(&config, text).unwrap();
+    Dr::new(&config)
+        .envs(garage.env())
+        .args(["config", "check"])
+        .run()
+        .assert_failure_mentions(&["object_lock = \"compliance\"", "Object Lock"]);
 }

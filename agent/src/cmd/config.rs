@@ -17,10 +17,11 @@ pub enum Command {
 }
 
 impl Command {
-    pub fn run(self, config_path: &Path) -> anyhow::Result<ExitCode> {
+    pub async fn run(self, config_path: &Path) -> anyhow::Result<ExitCode> {
         let Command::Check { runs } = self;
         let config = super::load_config(config_path)?;
-        let problems = print_summary(&config, config_path, runs);
+        let mut problems = print_summary(&config, config_path, runs);
+        problems.extend(object_lock_problems(&config).await);
         if problems.is_empty() {
             println!("\n{}: OK", config_path.display());
             return Ok(ExitCode::SUCCESS);
@@ -35,6 +36,41 @@ impl Command {
         }
         Ok(ExitCode::FAILURE)
     }
+}
+
+/// For each repository that sets `object_lock`: asks its bucket whether Object Lock is
+/// enabled (the only check here that reaches the network, and only then).
+async fn object_lock_problems(config: &Config) -> Vec<String> {
+    let mut problems = Vec::new();
+    let names = std::iter::once(dr_core::config::PRIMARY)
+        .chain(config.copies.iter().map(|c| c.name.as_str()));
+    for name in names {
+        let Some(storage) = config.repository(name) else {
+            continue;
+        };
+        let Some(mode) = storage.object_lock else {
+            continue;
+        };
+        let bucket = storage.url.to_string();
+        let enabled = match dr_core::storage::open(storage).await {
+            Ok(s) => s.lock_enabled().await,
+            Err(e) => Err(e),
+        };
+        match enabled {
+            Ok(true) => println!("repository {name} ({bucket}): Object Lock enabled, objects locked in {mode} mode"),
+            Ok(false) => problems.push(format!(
+                "repository {name} ({bucket}) sets object_lock = \"{mode}\" but the bucket does not have Object Lock enabled: \
+                 create the bucket with it (aws s3api create-bucket --object-lock-enabled-for-bucket …) or enable it on a versioned bucket \
+                 (aws s3api put-object-lock-configuration --object-lock-configuration ObjectLockEnabled=Enabled …); \
+                 until then every backup would fail to lock"
+            )),
+            Err(e) => problems.push(format!(
+                "repository {name} ({bucket}) sets object_lock = \"{mode}\" but its Object Lock configuration cannot be read ({e}); \
+                 a store that does not implement Object Lock (Garage, for one) cannot make backups immutable"
+            )),
+        }
+    }
+    problems
 }
 
 /// Checks the secret files `config` names the way backups, restores and drills will read

@@ -56,7 +56,7 @@ pub async fn open_repository(config: &Config, name: Option<&str>) -> anyhow::Res
     let opened = dr_core::storage::open(storage)
         .await
         .with_context(|| format!("cannot open the repository {}", storage.url))?;
-    Ok(Repository::new(opened, config.environment.as_str()))
+    Ok(Repository::new(opened, config.environment.as_str()).with_lock(config.object_lock(name)))
 }
 
 /// Cancels `token` on the first SIGINT or SIGTERM, saying `what` happens next.

@@ -163,6 +163,9 @@ impl Args {
                             s.oldest_base.as_deref().unwrap_or("-")
                         );
                     }
+                    for id in &s.locked {
+                        println!("keep   segment {id}  {}  (no kept backup needs it, but object lock protects it)", s.database);
+                    }
                     for id in &s.orphans {
                         println!("{verb} segment {id}  {}  (no manifest, too old to be a capture in flight)", s.database);
                     }

@@ -41,7 +41,12 @@ pub async fn copy_loop(shared: Arc<Shared>, index: usize, stop: CancellationToke
             due = tokio::time::Instant::now() + interval;
             if dst.is_none() {
                 match dr_core::storage::open(&copy.storage).await {
-                    Ok(storage) => dst = Some(Repository::new(storage, shared.environment())),
+                    Ok(storage) => {
+                        dst = Some(
+                            Repository::new(storage, shared.environment())
+                                .with_lock(config.object_lock(name)),
+                        )
+                    }
                     Err(e) => {
                         tracing::warn!(repository = name, error = %e, "cannot open the copy repository; retrying")
                     }

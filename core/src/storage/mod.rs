@@ -47,6 +47,25 @@ impl StorageError {
     }
 }
 
+/// S3 Object Lock retention modes: `governance` (a principal with
+/// `s3:BypassGovernanceRetention` may still delete) or `compliance` (nobody can, not even the
+/// account's root user, until the date).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LockMode {
+    Governance,
+    Compliance,
+}
+
+impl fmt::Display for LockMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            LockMode::Governance => "governance",
+            LockMode::Compliance => "compliance",
+        })
+    }
+}
+
 /// One object as listed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ObjectInfo {
@@ -106,6 +125,26 @@ pub trait Storage: Send + Sync + fmt::Debug {
 
     /// Starts a streamed upload; nothing is visible under `key` until `complete`.
     async fn start_upload(&self, key: &str) -> Result<Box<dyn Upload>, StorageError>;
+
+    /// Object Lock: `key` can be neither deleted nor overwritten before `until`.
+    async fn retain(
+        &self,
+        key: &str,
+        _mode: LockMode,
+        _until: jiff::Timestamp,
+    ) -> Result<(), StorageError> {
+        Err(StorageError::Unsupported {
+            op: "lock",
+            key: key.to_string(),
+            location: self.location(),
+            message: "only S3 buckets with Object Lock enabled can lock objects".into(),
+        })
+    }
+
+    /// Whether the bucket has Object Lock enabled.
+    async fn lock_enabled(&self) -> Result<bool, StorageError> {
+        Ok(false)
+    }
 }
 
 #[async_trait]

@@ -645,6 +645,60 @@ impl Storage for S3Storage {
         Ok(out)
     }
 
+    async fn retain(
+        &self,
+        key: &str,
+        mode: super::LockMode,
+        until: jiff::Timestamp,
+    ) -> Result<(), StorageError> {
+        use aws_sdk_s3::types::{ObjectLockRetention, ObjectLockRetentionMode};
+        let mode = match mode {
+            super::LockMode::Governance => ObjectLockRetentionMode::Governance,
+            super::LockMode::Compliance => ObjectLockRetentionMode::Compliance,
+        };
+        let retention = ObjectLockRetention::builder()
+            .mode(mode)
+            .retain_until_date(aws_smithy_types::DateTime::from_secs(until.as_second()))
+            .build();
+        self.watch(
+            "lock",
+            key,
+            self.client
+                .put_object_retention()
+                .bucket(&self.bucket)
+                .key(self.full_key(key))
+                .retention(retention)
+                .send(),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn lock_enabled(&self) -> Result<bool, StorageError> {
+        use aws_sdk_s3::types::ObjectLockEnabled;
+        let out = self
+            .watch(
+                "read the Object Lock configuration of",
+                "",
+                self.client
+                    .get_object_lock_configuration()
+                    .bucket(&self.bucket)
+                    .send(),
+            )
+            .await;
+        match out {
+            Ok(o) => Ok(o
+                .object_lock_configuration()
+                .and_then(|c| c.object_lock_enabled())
+                == Some(&ObjectLockEnabled::Enabled)),
+            // AWS answers ObjectLockConfigurationNotFoundError for a bucket without it.
+            Err(
+                StorageError::Failed { message, .. } | StorageError::NotFound { key: message, .. },
+            ) if message.contains("ObjectLockConfigurationNotFound") => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     async fn delete(&self, key: &str) -> Result<(), StorageError> {
         self.watch(
             "delete",
