@@ -393,3 +393,88 @@ fn object_lock_is_refused_where_it_cannot_work() {
         .run()
         .assert_failure_mentions(&["object_lock = \"compliance\"", "Object Lock"]);
 }
+
+#[test]
+fn a_copy_gets_change_segments_and_keeps_its_own_retention() {
+    let base = BedBase::file("dr-copies-");
+    let cluster = dr_tests::PgCluster::start_logical();
+    cluster.create_db(DB);
+    cluster.psql(
+        DB,
+        "CREATE TABLE t (id serial PRIMARY KEY, v text); INSERT INTO t (v) VALUES ('base')",
+    );
+    let port = free_port();
+    let cold = Storage::File(base.dir().join("cold"));
+    // The primary keeps `daily` 30 days; the copy keeps it one second.
+    let body = encryption_toml(&[&base.keys.recipient], Some(&base.keys.identity))
+        + &database_toml(DB, &cluster.url(DB), None)
+        + "  [databases.continuous]\n  segment_seconds = 1\n\n"
+        + &copy_toml("cold", &cold)
+        + "  [copies.keep]\n  daily = \"1s\"\n\n"
+        + &format!("[agent]\nlisten = \"127.0.0.1:{port}\"\n");
+    let config = write_config(base.dir(), &base.storage, &body);
+    let dr = || Dr::new(&config).env("PGPASSWORD", cluster.password());
+    dr().args(["continuous", "setup", "--database", DB])
+        .run()
+        .assert_success();
+    let first = dr()
+        .args(["backup", "--database", DB, "--class", "daily"])
+        .run()
+        .assert_one_backup_id();
+    std::thread::sleep(Duration::from_millis(1100));
+    let second = dr()
+        .args(["backup", "--database", DB, "--class", "daily"])
+        .run()
+        .assert_one_backup_id();
+    let agent = Agent::start(dr(), port);
+    cluster.psql(DB, "INSERT INTO t (v) VALUES ('after both backups')");
+    let segments = base.dir().join("cold/test").join(DB).join("changes");
+    let in_step = wait_until(Duration::from_secs(60), || {
+        listed(dr(), "cold") == vec![second.clone()]
+            && fs::read_dir(&segments).is_ok_and(|d| d.count() > 0)
+    });
+    assert!(
+        in_step,
+        "copy holds {:?}:\n{}",
+        listed(dr(), "cold"),
+        agent.log()
+    );
+    // The primary's retention is its own.
+    assert_eq!(listed(dr(), "primary"), vec![first, second]);
+    // Wait for a segment holding the insert, then restore from the copy alone.
+    let expected = cluster.psql(DB, "SELECT string_agg(v, ',' ORDER BY id) FROM t");
+    let restored = wait_until(Duration::from_secs(60), || {
+        let out = dr()
+            .args([
+                "restore",
+                "--database",
+                DB,
+                "--to-time",
+                "latest",
+                "--create",
+            ])
+            .args([
+                "--repository",
+                "cold",
+                "--target",
+                &cluster.url("from_cold"),
+            ])
+            .arg("--staging-dir")
+            .arg(base.dir())
+            .run();
+        if !out.status.success() {
+            return false;
+        }
+        let got = cluster.psql("from_cold", "SELECT string_agg(v, ',' ORDER BY id) FROM t");
+        if got != expected {
+            cluster.psql("postgres", "DROP DATABASE from_cold");
+            return false;
+        }
+        true
+    });
+    assert!(
+        restored,
+        "no point-in-time restore from the copy reached the insert:\n{}",
+        agent.log()
+    );
+}
