@@ -56,6 +56,25 @@ pub struct Config {
     /// change segment is copied to, byte for byte.
     #[serde(default)]
     pub copies: Vec<CopyConfig>,
+    /// Directory trees (uploads, documents) backed up like databases.
+    #[serde(default)]
+    pub directories: Vec<DirectoryConfig>,
+}
+
+/// `[[directories]]`: a tree of files backed up as a tar through the same pipeline.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DirectoryConfig {
+    /// Names it in the repository (`<env>/<name>/backups/...`); not a database's name.
+    pub name: Name,
+    /// The tree's root, absolute.
+    pub path: PathBuf,
+    pub rpo: Option<Duration>,
+    #[serde(default)]
+    pub schedules: Vec<ScheduleConfig>,
+    /// Skip (and count) files that cannot be read instead of failing the backup.
+    #[serde(default)]
+    pub skip_unreadable: bool,
 }
 
 /// `[[copies]]`: a repository the agent copies the primary's stored objects to.
@@ -528,6 +547,21 @@ impl Config {
             if let (Some(mode), StorageUrl::File(_)) = (storage.object_lock, &storage.url) {
                 return Err(invalid(format!(
                     "{owner} sets object_lock = \"{mode}\" on a file:// repository; Object Lock is an S3 feature (remove it, or use an S3 bucket with Object Lock enabled)"
+                )));
+            }
+        }
+        let mut dir_names = std::collections::BTreeSet::new();
+        for dir in &self.directories {
+            let name = dir.name.as_str();
+            if self.databases.iter().any(|d| d.name.as_str() == name) || !dir_names.insert(name) {
+                return Err(invalid(format!(
+                    "[[directories]] name `{name}` is already used by a database or another directory; names share the repository"
+                )));
+            }
+            if !dir.path.is_absolute() {
+                return Err(invalid(format!(
+                    "directory `{name}`: path {} must be absolute",
+                    dir.path.display()
                 )));
             }
         }

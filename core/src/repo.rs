@@ -152,13 +152,18 @@ impl Repository {
             tasks.spawn(async move {
                 let _permit = limit.acquire().await;
                 let bytes = storage.get(&key).await?;
-                Ok::<_, RepoError>(Manifest::from_json(&key, &bytes)?)
+                // Directory backups share the layout; they are not database backups.
+                if is_directory_manifest(&bytes) {
+                    return Ok(None);
+                }
+                Ok::<_, RepoError>(Some(Manifest::from_json(&key, &bytes)?))
             });
         }
         let mut listing = Listing::default();
         while let Some(joined) = tasks.join_next().await {
             match joined.expect("manifest read task panicked") {
-                Ok(m) => listing.backups.push(m),
+                Ok(Some(m)) => listing.backups.push(m),
+                Ok(None) => {}
                 Err(e) => listing.unreadable.push(e),
             }
         }
@@ -219,6 +224,15 @@ fn after(at: Timestamp, keep: &crate::config::Duration) -> Timestamp {
         .checked_add(keep.span())
         .map(|z| z.timestamp())
         .unwrap_or(Timestamp::MAX)
+}
+
+/// A `[[directories]]` backup's manifest (`"kind": "directory"`).
+pub fn is_directory_manifest(bytes: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Kind {
+        kind: Option<String>,
+    }
+    serde_json::from_slice::<Kind>(bytes).is_ok_and(|k| k.kind.as_deref() == Some("directory"))
 }
 
 /// `<env>/<db>/backups/<id>/manifest.json`

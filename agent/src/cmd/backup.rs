@@ -27,6 +27,10 @@ pub struct Args {
     #[arg(long, short)]
     database: Option<String>,
 
+    /// Back up this `[[directories]]` tree instead of databases.
+    #[arg(long, value_name = "NAME", conflicts_with = "database")]
+    directory: Option<String>,
+
     /// Class recorded in the manifest; retention keeps the backup per that class's `keep`.
     #[arg(long, default_value = "manual")]
     class: Name,
@@ -42,6 +46,9 @@ const EXIT_CANCELLED: u8 = 130;
 impl Args {
     pub async fn run(self, config_path: &Path) -> anyhow::Result<ExitCode> {
         let config = super::load_config(config_path)?;
+        if let Some(name) = &self.directory {
+            return self.directory(&config, name).await;
+        }
         let databases: Vec<_> = match &self.database {
             Some(name) => vec![config.database(name).with_context(|| {
                 format!(
@@ -142,6 +149,74 @@ impl Args {
         } else {
             ExitCode::SUCCESS
         })
+    }
+}
+
+impl Args {
+    /// `--directory NAME`: the tree as a tar with its listing, under the name's lock.
+    async fn directory(
+        &self,
+        config: &dr_core::config::Config,
+        name: &str,
+    ) -> anyhow::Result<ExitCode> {
+        let dir = dr_directories::configured(config, name)
+            .with_context(|| format!("no [[directories]] entry named `{name}` in the config"))?;
+        let recipients = config.recipients()?;
+        if recipients.is_empty() {
+            anyhow::bail!("[encryption] has no recipients: nothing can be encrypted");
+        }
+        let repo = super::open_repo(config).await?;
+        let control = Control::default();
+        super::cancel_on_signal(
+            control.cancel.clone(),
+            "stopping; the backup in progress will not be recorded",
+        );
+        let owner = lock::new_owner();
+        let guard = match lock::acquire(&repo, name, &owner, "backup").await? {
+            Acquired::Yes(g) => g,
+            Acquired::HeldBy(holder) => {
+                anyhow::bail!("directory `{name}` is locked by {holder}; not backing it up now")
+            }
+        };
+        let encode = dr_core::pipeline::encode::EncodeOptions {
+            level: config.compression.level,
+            threads: config.compression.threads,
+        };
+        let bar = progress_bar(name, &control);
+        let result = dr_directories::backup(
+            &repo,
+            dir,
+            &recipients,
+            encode,
+            vec![self.class.to_string()],
+            &control,
+        )
+        .await;
+        bar.finish_and_clear();
+        guard.release().await;
+        let m = result.with_context(|| {
+            format!("backup of directory `{name}` failed; no backup was recorded")
+        })?;
+        if m.changed_files > 0 {
+            eprintln!(
+                "warning: {} file(s) changed while they were read and are stored as read: {}",
+                m.changed_files,
+                m.changed.join(", ")
+            );
+        }
+        if m.skipped_files > 0 {
+            eprintln!(
+                "warning: {} file(s) skipped (unreadable or not regular files): {}",
+                m.skipped_files,
+                m.skipped.join(", ")
+            );
+        }
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(&m)?);
+        } else {
+            println!("{}", m.id);
+        }
+        Ok(ExitCode::SUCCESS)
     }
 }
 

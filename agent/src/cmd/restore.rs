@@ -45,8 +45,13 @@ pub struct Args {
     repository: Option<String>,
 
     /// The database whose backup to restore, as named in the config.
-    #[arg(long, short)]
+    #[arg(long, short, default_value = "", hide_default_value = true)]
     database: String,
+
+    /// Restore a `[[directories]]` backup instead, into the empty (or new) directory
+    /// --output DIR; the tree is then checked file by file against the backup's listing.
+    #[arg(long, value_name = "NAME", conflicts_with_all = ["database", "target", "to_time", "before"], requires = "output")]
+    directory: Option<String>,
 
     /// Restore this backup (see `dr list`).
     #[arg(long, group = "which")]
@@ -79,8 +84,9 @@ pub struct Args {
     #[arg(long, requires = "target")]
     create: bool,
 
-    /// Allow restoring into a database that already holds tables (replaces its objects).
-    #[arg(long, requires = "target")]
+    /// Allow restoring into a database that already holds tables (replaces its objects),
+    /// or, with --directory, into a non-empty directory (files of the backup overwrite).
+    #[arg(long)]
     force: bool,
 
     /// Do not ask for confirmation of --force.
@@ -147,6 +153,17 @@ impl Confirm for Prompt {
 impl Args {
     pub async fn run(self, config_path: &Path) -> anyhow::Result<ExitCode> {
         let config = super::load_config(config_path)?;
+        if let Some(name) = &self.directory {
+            return self.directory(&config, name).await;
+        }
+        if self.database.is_empty() {
+            anyhow::bail!("say what to restore: --database NAME (or --directory NAME)");
+        }
+        if self.force && self.target.is_none() {
+            anyhow::bail!(
+                "--force applies to --target (a database that holds tables) or --directory"
+            );
+        }
         if self.force && !self.yes && !self.dry_run && !std::io::stdin().is_terminal() {
             anyhow::bail!("--force needs a terminal to confirm on, or --yes");
         }
@@ -443,6 +460,68 @@ fn progress(watch: Arc<Watch>) -> ProgressBar {
         }
     });
     bar
+}
+
+impl Args {
+    /// `--directory NAME --output DIR`: verified whole in staging, unpacked, then checked
+    /// against the listing.
+    async fn directory(
+        &self,
+        config: &dr_core::config::Config,
+        name: &str,
+    ) -> anyhow::Result<ExitCode> {
+        if dr_directories::configured(config, name).is_none() {
+            let names: Vec<&str> = config.directories.iter().map(|d| d.name.as_str()).collect();
+            anyhow::bail!(
+                "no [[directories]] entry named `{name}` (configured: {})",
+                if names.is_empty() {
+                    "none".to_string()
+                } else {
+                    names.join(", ")
+                }
+            );
+        }
+        let output = self.output.clone().expect("clap requires --output");
+        let identity_path = self
+            .identity
+            .clone()
+            .or_else(|| config.encryption.identity_file.clone())
+            .ok_or(dr_restore::RestoreError::NoIdentity)?;
+        let identities = Arc::new(
+            dr_core::keys::Identities::from_file(&identity_path)
+                .with_context(|| "cannot load the identity to decrypt with")?,
+        );
+        let staging = self
+            .staging_dir
+            .clone()
+            .or_else(|| std::env::var_os("TMPDIR").map(PathBuf::from))
+            .unwrap_or_else(|| PathBuf::from("/var/tmp"));
+        let repo = super::open_repository(config, self.repository.as_deref()).await?;
+        eprintln!("RESTORE of directory `{name}` -> {}", output.display());
+        let done = dr_directories::restore(
+            &repo,
+            name,
+            self.backup.as_deref(),
+            &output,
+            self.force,
+            identities,
+            &staging,
+        )
+        .await?;
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(&done)?);
+        } else {
+            println!(
+                "restored directory `{name}` backup {} into {}: {} files, {}, every entry checked against the listing, in {:.1} s",
+                done.backup_id,
+                done.output,
+                done.files,
+                HumanBytes(done.bytes),
+                done.seconds
+            );
+        }
+        Ok(ExitCode::SUCCESS)
+    }
 }
 
 /// The primary cannot be read: says so, and names the copies that hold backups of
