@@ -726,6 +726,76 @@ pub fn verify_tree(root: &Path, listing: impl BufRead) -> Result<(u64, u64, u64)
     Ok((files, bytes, checked))
 }
 
+/// One retention decision.
+#[derive(Debug, Serialize)]
+pub struct Decision {
+    pub backup_id: String,
+    pub keep: bool,
+    pub reason: String,
+}
+
+/// Retention, by the rules databases follow: the newest backup of each class and the newest
+/// of all are kept, and so are backups of a class without a schedule; otherwise a backup
+/// goes once every one of its classes' `keep` has passed (and any Object Lock expired).
+/// Manifest first, then the objects.
+pub async fn prune(
+    repo: &Repository,
+    dir: &DirectoryConfig,
+    now: Timestamp,
+    dry_run: bool,
+) -> Result<Vec<Decision>, StorageError> {
+    let name = dir.name.as_str();
+    let backups = list(repo, name).await?;
+    let newest_overall = backups.last().map(|m| m.id.clone());
+    let mut newest_of = std::collections::BTreeMap::new();
+    for m in &backups {
+        for c in &m.classes {
+            newest_of.insert(c.clone(), m.id.clone());
+        }
+    }
+    let keep_of = |class: &str| dir.schedules.iter().find(|s| s.class.as_str() == class);
+    let mut decisions = Vec::new();
+    for m in &backups {
+        let decide = |keep: bool, reason: String| Decision {
+            backup_id: m.id.clone(),
+            keep,
+            reason,
+        };
+        let d = if newest_overall.as_ref() == Some(&m.id)
+            || m.classes.iter().any(|c| newest_of.get(c) == Some(&m.id))
+        {
+            decide(true, "newest backup (of its class)".into())
+        } else if m.classes.is_empty() || m.classes.iter().any(|c| keep_of(c).is_none()) {
+            decide(true, "a class without a schedule, so no `keep`".into())
+        } else if let Some(c) = m
+            .classes
+            .iter()
+            .find(|c| m.started_at > keep_of(c).expect("checked").keep.before(now))
+        {
+            decide(true, format!("within {c} keep"))
+        } else if let Some(until) = repo
+            .locked_until(name, &m.classes, m.started_at)
+            .filter(|u| *u > now)
+        {
+            decide(
+                true,
+                format!("expired, but locked until {until} (object lock)"),
+            )
+        } else {
+            decide(false, "older than every class's keep".into())
+        };
+        if !d.keep && !dry_run {
+            let unit = format!("{}/{name}/backups/{}", repo.environment(), m.id);
+            repo.storage().delete(&format!("{unit}/{MANIFEST}")).await?;
+            for o in repo.storage().list(&format!("{unit}/")).await? {
+                repo.storage().delete(&o.key).await?;
+            }
+        }
+        decisions.push(d);
+    }
+    Ok(decisions)
+}
+
 /// The `[[directories]]` entry named `name`.
 pub fn configured<'a>(config: &'a Config, name: &str) -> Option<&'a DirectoryConfig> {
     config.directories.iter().find(|d| d.name.as_str() == name)

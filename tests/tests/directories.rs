@@ -256,3 +256,45 @@ fn a_tree_round_trips_through_s3() {
     bed.restore(dr(), &restored).assert_success();
     assert_eq!(snapshot(&restored), snapshot(&bed.source));
 }
+
+#[test]
+fn the_agent_backs_up_a_directory_on_its_schedule_and_prunes_it() {
+    let bed = Bed::new(|dir| Storage::File(dir.join("repo")));
+    // Every two seconds, kept one second: only the newest backups stay.
+    let port = dr_tests::free_port();
+    let text = fs::read_to_string(&bed.config)
+        .unwrap()
+        .replace("cron = \"0 3 * * *\"", "cron = \"*/2 * * * * *\"")
+        .replace("keep = \"30d\"", "keep = \"1s\"")
+        + &format!("\n[agent]\nlisten = \"127.0.0.1:{port}\"\n");
+    fs::write(&bed.config, text).unwrap();
+    let agent = dr_tests::Agent::start(Dr::new(&bed.config), port);
+    let backups = bed.tmp.path().join("repo/test/uploads/backups");
+    let count = || fs::read_dir(&backups).map_or(0, |d| d.count());
+    let logged = dr_tests::wait_until(std::time::Duration::from_secs(30), || {
+        agent.log_count("directory backed up") >= 3
+    });
+    assert!(logged, "{}", agent.log());
+    assert!(count() <= 2, "retention kept {} backups", count());
+    let labels = [("database", "uploads"), ("class", "daily")];
+    let metrics = agent.metrics();
+    assert!(
+        dr_tests::metric_value(
+            &metrics,
+            "dr_backup_last_success_timestamp_seconds",
+            &labels
+        )
+        .is_some(),
+        "{metrics}"
+    );
+    assert!(
+        dr_tests::metric_value(&metrics, "dr_rpo_seconds", &[("database", "uploads")])
+            .is_some_and(|r| r < 10.0),
+        "{metrics}"
+    );
+    // What it stored restores.
+    let restored = bed.tmp.path().join("restored");
+    bed.restore(Dr::new(&bed.config), &restored)
+        .assert_success();
+    assert_eq!(snapshot(&restored), snapshot(&bed.source));
+}

@@ -27,10 +27,12 @@ pub async fn copy_loop(shared: Arc<Shared>, index: usize, stop: CancellationToke
     let name = copy.name.as_str();
     let interval = Duration::from_secs(copy.interval_seconds);
     let mut committed = shared.committed.subscribe();
+    // Directory backups share the layout: they are copied the same way.
     let databases: Vec<String> = config
         .databases
         .iter()
         .map(|d| d.name.to_string())
+        .chain(config.directories.iter().map(|d| d.name.to_string()))
         .collect();
     let mut dst: Option<Repository> = None;
     // Per database, the newest moment the copy can restore, as of its last good pass.

@@ -7,6 +7,7 @@
 //! - [`notify`]: webhook notifications, sent in the background.
 //! - [`continuous`]: the health of continuous databases' slots and publications.
 //! - [`copies`]: copying to `[[copies]]` repositories, their retention and RPO.
+//! - [`directories`]: scheduled `[[directories]]` backups, their retention and metrics.
 //!
 //! Shaped like mini-redis's server: every task is told to stop through a token and the
 //! process waits for them. Two tokens: `stop` ends scheduling (SIGHUP reload lets running
@@ -15,6 +16,7 @@
 
 pub mod continuous;
 pub mod copies;
+pub mod directories;
 pub mod http;
 pub mod job;
 pub mod lock;
@@ -245,6 +247,15 @@ fn start_generation(
         }
         if db.drill.as_ref().is_some_and(|d| d.cron.is_some()) {
             tasks.spawn(job::drill_loop(shared.clone(), name, stop.clone()));
+        }
+    }
+    for (index, dir) in shared.config.directories.iter().enumerate() {
+        if !dir.schedules.is_empty() {
+            tasks.spawn(directories::directory_loop(
+                shared.clone(),
+                index,
+                stop.clone(),
+            ));
         }
     }
     for index in 0..shared.config.copies.len() {
