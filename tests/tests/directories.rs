@@ -298,3 +298,48 @@ fn the_agent_backs_up_a_directory_on_its_schedule_and_prunes_it() {
         .assert_success();
     assert_eq!(snapshot(&restored), snapshot(&bed.source));
 }
+
+#[test]
+fn a_directory_drill_proves_the_tree_and_fails_on_a_damaged_backup() {
+    let bed = Bed::new(|dir| Storage::File(dir.join("repo")));
+    let dr = || Dr::new(&bed.config);
+    let out = dr()
+        .args(["backup", "--directory", "uploads", "--json"])
+        .run();
+    out.assert_success();
+    let id = json(&out)["id"].as_str().unwrap().to_string();
+    let drill = dr()
+        .args(["drill", "--directory", "uploads", "--json"])
+        .run();
+    drill.assert_success();
+    let report = &json(&drill)[0];
+    assert_eq!(report["passed"], true, "{report:#}");
+    assert_eq!(report["backup_id"], id.as_str());
+    assert!(report["rto_seconds"].as_f64().is_some_and(|s| s > 0.0));
+    assert!(report["checks"][0]["detail"]
+        .as_str()
+        .unwrap()
+        .contains("7 files"));
+
+    let object = bed
+        .tmp
+        .path()
+        .join("repo/test/uploads/backups")
+        .join(&id)
+        .join("data.tar.zst.age");
+    let mut bytes = fs::read(&object).unwrap();
+    let at = bytes.len() - 100;
+    bytes[at] ^= 1;
+    fs::write(&object, bytes).unwrap();
+    let failed = dr()
+        .args(["drill", "--directory", "uploads", "--json"])
+        .run();
+    assert!(!failed.status.success(), "{}", failed.stdout);
+    assert_eq!(json(&failed)[0]["passed"], false);
+    let history = json(
+        &dr()
+            .args(["drill", "history", "--database", "uploads", "--json"])
+            .run(),
+    );
+    assert_eq!(history.as_array().map(Vec::len), Some(2), "{history:#}");
+}
