@@ -448,12 +448,17 @@ pub async fn backup(
             encode,
             control
         ),
+        // The listing is small next to the tree: one zstd worker is plenty, and memory
+        // is the data stream's to spend.
         encrypt_chunks_to_storage(
             list_rx,
             repo.storage(),
             &list_key,
             recipients,
-            encode,
+            EncodeOptions {
+                threads: 1,
+                ..encode
+            },
             &listing_control
         ),
     );

@@ -343,3 +343,37 @@ fn a_directory_drill_proves_the_tree_and_fails_on_a_damaged_backup() {
     );
     assert_eq!(history.as_array().map(Vec::len), Some(2), "{history:#}");
 }
+
+/// Peak RSS (KiB) of every child this test process has waited for.
+fn children_max_rss_kib() -> i64 {
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage only writes into the struct we own.
+    assert_eq!(
+        unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) },
+        0
+    );
+    usage.ru_maxrss
+}
+
+#[test]
+fn memory_stays_bounded_on_a_tree_of_a_hundred_thousand_files() {
+    let bed = Bed::new(|dir| Storage::File(dir.join("repo")));
+    let many = bed.source.join("many");
+    for d in 0..1000 {
+        let dir = many.join(format!("d{d:04}"));
+        fs::create_dir_all(&dir).unwrap();
+        for f in 0..100 {
+            fs::write(dir.join(format!("f{f:03}.txt")), format!("{d}/{f}\n")).unwrap();
+        }
+    }
+    let out = Dr::new(&bed.config)
+        .args(["backup", "--directory", "uploads", "--json"])
+        .run();
+    out.assert_success();
+    let manifest = json(&out);
+    assert_eq!(manifest["files"], 100_007, "{manifest:#}");
+    // Every dr this test binary ran so far counts; the largest is this backup.
+    let peak_mib = children_max_rss_kib() / 1024;
+    eprintln!("peak RSS of dr over 100,007 files: {peak_mib} MiB");
+    assert!(peak_mib < 64, "peak RSS {peak_mib} MiB");
+}
