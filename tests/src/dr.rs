@@ -224,7 +224,8 @@ impl Dr {
             .expect("spawn dr")
     }
 
-    fn into_command(mut self) -> Command {
+    /// The `Command` this builds, for tests that run it themselves.
+    pub fn into_command(mut self) -> Command {
         if !self.path_prefix.is_empty() {
             let inherited = std::env::var_os("PATH").unwrap_or_default();
             let dirs = self

@@ -344,15 +344,30 @@ fn a_directory_drill_proves_the_tree_and_fails_on_a_damaged_backup() {
     assert_eq!(history.as_array().map(Vec::len), Some(2), "{history:#}");
 }
 
-/// Peak RSS (KiB) of every child this test process has waited for.
-fn children_max_rss_kib() -> i64 {
+/// Runs `dr` and returns (its exit code, stdout, its own peak RSS in KiB), from wait4: other
+/// processes of this test binary (Garage, other tests' dr) do not count.
+fn run_measured(dr: Dr, dir: &Path) -> (i32, String, i64) {
+    let out_path = dir.join("measured.out");
+    let mut child = dr
+        .into_command()
+        .stdout(fs::File::create(&out_path).unwrap())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: getrusage only writes into the struct we own.
-    assert_eq!(
-        unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) },
-        0
-    );
-    usage.ru_maxrss
+    // SAFETY: wait4 writes only into the status and usage we own, for our own child.
+    let waited = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    assert_eq!(waited, pid, "wait4 failed");
+    // Already reaped by wait4; dropping a Child never waits.
+    drop(child.stdin.take());
+    drop(child);
+    (
+        libc::WEXITSTATUS(status),
+        fs::read_to_string(&out_path).unwrap(),
+        usage.ru_maxrss,
+    )
 }
 
 #[test]
@@ -366,14 +381,14 @@ fn memory_stays_bounded_on_a_tree_of_a_hundred_thousand_files() {
             fs::write(dir.join(format!("f{f:03}.txt")), format!("{d}/{f}\n")).unwrap();
         }
     }
-    let out = Dr::new(&bed.config)
-        .args(["backup", "--directory", "uploads", "--json"])
-        .run();
-    out.assert_success();
-    let manifest = json(&out);
+    let (code, stdout, peak_kib) = run_measured(
+        Dr::new(&bed.config).args(["backup", "--directory", "uploads", "--json"]),
+        bed.tmp.path(),
+    );
+    assert_eq!(code, 0, "{stdout}");
+    let manifest: Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(manifest["files"], 100_007, "{manifest:#}");
-    // Every dr this test binary ran so far counts; the largest is this backup.
-    let peak_mib = children_max_rss_kib() / 1024;
+    let peak_mib = peak_kib / 1024;
     eprintln!("peak RSS of dr over 100,007 files: {peak_mib} MiB");
     assert!(peak_mib < 64, "peak RSS {peak_mib} MiB");
 }
