@@ -392,3 +392,85 @@ fn memory_stays_bounded_on_a_tree_of_a_hundred_thousand_files() {
     eprintln!("peak RSS of dr over 100,007 files: {peak_mib} MiB");
     assert!(peak_mib < 64, "peak RSS {peak_mib} MiB");
 }
+
+/// Runs `dr` as the unprivileged `nobody` when this test runs as root (root reads every
+/// file, so only another user can meet an unreadable one); as itself otherwise.
+fn as_unprivileged(dr: Dr) -> DrOutput {
+    let command = dr.into_command();
+    let mut wrapped = if unsafe { libc::geteuid() } == 0 {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "nobody", "--"]).arg(command.get_program());
+        c
+    } else {
+        Command::new(command.get_program())
+    };
+    wrapped.args(command.get_args()).stdin(Stdio::null());
+    for (k, v) in command.get_envs() {
+        match v {
+            Some(v) => wrapped.env(k, v),
+            None => wrapped.env_remove(k),
+        };
+    }
+    let out = wrapped.output().expect("run dr");
+    DrOutput {
+        status: out.status,
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+#[test]
+fn an_unreadable_file_fails_the_backup_unless_skip_unreadable() {
+    let bed = Bed::new(|dir| Storage::File(dir.join("repo")));
+    let secret = bed.source.join("a/secret.key");
+    fs::write(&secret, "only root\n").unwrap();
+    fs::set_permissions(&secret, fs::Permissions::from_mode(0o000)).unwrap();
+    if unsafe { libc::geteuid() } == 0 {
+        // `nobody` may read everything else, the config and keys, and write the repository.
+        let chown = |path: &Path| {
+            let ok = Command::new("chown")
+                .arg("-R")
+                .arg("nobody")
+                .arg(path)
+                .status()
+                .unwrap();
+            assert!(ok.success());
+        };
+        fs::set_permissions(bed.tmp.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        fs::create_dir_all(bed.tmp.path().join("repo")).unwrap();
+        chown(&bed.tmp.path().join("repo"));
+        chown(&bed.config);
+        chown(&bed.identity);
+        chown(&bed.source);
+        let ok = Command::new("chown")
+            .arg("root")
+            .arg(&secret)
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+    let backup = || Dr::new(&bed.config).args(["backup", "--directory", "uploads", "--json"]);
+    let out = as_unprivileged(backup());
+    out.assert_failure_mentions(&["secret.key", "cannot be read", "no backup was recorded"]);
+    let backups = bed.tmp.path().join("repo/test/uploads/backups");
+    let committed = fs::read_dir(&backups)
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter(|e| e.path().join("manifest.json").exists())
+                .count()
+        })
+        .unwrap_or(0);
+    assert_eq!(committed, 0, "a backup missing a file was committed");
+
+    let text = fs::read_to_string(&bed.config).unwrap().replace(
+        "[[directories]]\n",
+        "[[directories]]\nskip_unreadable = true\n",
+    );
+    fs::write(&bed.config, text).unwrap();
+    let out = as_unprivileged(backup());
+    out.assert_success();
+    let manifest = json(&out);
+    assert_eq!(manifest["skipped_files"], 1, "{manifest:#}");
+    assert_eq!(manifest["skipped"], serde_json::json!(["a/secret.key"]));
+    assert!(out.stderr.contains("skipped"), "{}", out.stderr);
+}
