@@ -588,13 +588,17 @@ impl Config {
                 )));
             }
             for class in copy.keep.keys() {
-                if !self
+                let scheduled = self
                     .databases
                     .iter()
                     .any(|d| d.classes().any(|c| c == class))
-                {
+                    || self
+                        .directories
+                        .iter()
+                        .any(|d| d.schedules.iter().any(|s| s.class.as_str() == class));
+                if !scheduled {
                     return Err(invalid(format!(
-                        "copy `{name}` sets keep for class `{class}`, which no database schedules"
+                        "copy `{name}` sets keep for class `{class}`, which no database or directory schedules"
                     )));
                 }
             }

@@ -749,6 +749,17 @@ pub async fn prune(
     now: Timestamp,
     dry_run: bool,
 ) -> Result<Vec<Decision>, StorageError> {
+    prune_with(repo, dir, &Default::default(), now, dry_run).await
+}
+
+/// Like [`prune`], with `overrides` replacing some classes' `keep` (a copy's retention).
+pub async fn prune_with(
+    repo: &Repository,
+    dir: &DirectoryConfig,
+    overrides: &std::collections::BTreeMap<String, dr_core::config::Duration>,
+    now: Timestamp,
+    dry_run: bool,
+) -> Result<Vec<Decision>, StorageError> {
     let name = dir.name.as_str();
     let backups = list(repo, name).await?;
     let newest_overall = backups.last().map(|m| m.id.clone());
@@ -758,7 +769,12 @@ pub async fn prune(
             newest_of.insert(c.clone(), m.id.clone());
         }
     }
-    let keep_of = |class: &str| dir.schedules.iter().find(|s| s.class.as_str() == class);
+    let keep_of = |class: &str| {
+        dir.schedules
+            .iter()
+            .find(|s| s.class.as_str() == class)
+            .map(|s| overrides.get(class).unwrap_or(&s.keep))
+    };
     let mut decisions = Vec::new();
     for m in &backups {
         let decide = |keep: bool, reason: String| Decision {
@@ -775,7 +791,7 @@ pub async fn prune(
         } else if let Some(c) = m
             .classes
             .iter()
-            .find(|c| m.started_at > keep_of(c).expect("checked").keep.before(now))
+            .find(|c| m.started_at > keep_of(c).expect("checked").before(now))
         {
             decide(true, format!("within {c} keep"))
         } else if let Some(until) = repo

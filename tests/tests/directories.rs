@@ -474,3 +474,56 @@ fn an_unreadable_file_fails_the_backup_unless_skip_unreadable() {
     assert_eq!(manifest["skipped"], serde_json::json!(["a/secret.key"]));
     assert!(out.stderr.contains("skipped"), "{}", out.stderr);
 }
+
+#[test]
+fn a_copy_holds_directory_backups_and_prunes_them_by_its_own_keep() {
+    let bed = Bed::new(|dir| Storage::File(dir.join("repo")));
+    let port = dr_tests::free_port();
+    // Every two seconds; the primary keeps 30 days, the copy one second.
+    let cold = bed.tmp.path().join("cold");
+    let text = fs::read_to_string(&bed.config)
+        .unwrap()
+        .replace("cron = \"0 3 * * *\"", "cron = \"*/2 * * * * *\"")
+        + &format!(
+            "\n[[copies]]\nname = \"cold\"\ninterval_seconds = 1\n  [copies.storage]\n  url = \"file://{}\"\n  [copies.keep]\n  daily = \"1s\"\n\n[agent]\nlisten = \"127.0.0.1:{port}\"\n",
+            cold.display()
+        );
+    fs::write(&bed.config, text).unwrap();
+    let agent = dr_tests::Agent::start(Dr::new(&bed.config), port);
+    let count = |root: &Path| {
+        fs::read_dir(root.join("test/uploads/backups")).map_or(0, |d| {
+            d.filter_map(Result::ok)
+                .filter(|e| e.path().join("manifest.json").exists())
+                .count()
+        })
+    };
+    let primary = bed.tmp.path().join("repo");
+    let done = dr_tests::wait_until(std::time::Duration::from_secs(40), || {
+        count(&primary) >= 4 && (1..=2).contains(&count(&cold))
+    });
+    assert!(
+        done,
+        "primary {} backups, copy {}:\n{}",
+        count(&primary),
+        count(&cold),
+        agent.log()
+    );
+    // The copy restores the tree.
+    drop(agent);
+    let restored = bed.tmp.path().join("restored");
+    Dr::new(&bed.config)
+        .args([
+            "restore",
+            "--directory",
+            "uploads",
+            "--repository",
+            "cold",
+            "--output",
+        ])
+        .arg(&restored)
+        .arg("--staging-dir")
+        .arg(bed.tmp.path())
+        .run()
+        .assert_success();
+    assert_eq!(snapshot(&restored), snapshot(&bed.source));
+}

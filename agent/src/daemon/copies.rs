@@ -122,6 +122,19 @@ async fn pass(
     if !report.errors.is_empty() {
         return;
     }
+    // Directory backups too, by the copy's keep.
+    for dir in &shared.config.directories {
+        match dr_directories::prune_with(dst, dir, &copy.keep, Timestamp::now(), false).await {
+            Ok(decisions) => {
+                for d in decisions.iter().filter(|d| !d.keep) {
+                    tracing::info!(repository = name, directory = %dir.name, backup = %d.backup_id, "pruned from the copy");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(repository = name, directory = %dir.name, error = %e, "prune of the copy failed")
+            }
+        }
+    }
     for db in &shared.config.databases {
         let pruned = dr_core::retention::prune_with(
             dst,
