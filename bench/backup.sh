@@ -6,7 +6,9 @@
 # alternates RUNS rounds of:
 #   a. pg_dump -Fc -Z0 > /dev/null                    the floor: dr cannot be faster
 #   b. pg_dump -Fc -Z0 | zstd -3 -T0 | age -r KEY     what an admin would script by hand
-#   c. dr backup (file:// repository)                 the same pipeline, in process
+#   c. dr backup (file:// repository), dump_jobs = 2  split: a schema and 2 data archives, one
+#                                                     snapshot, each its own pipeline
+#   d. dr backup, dump_jobs = 1                       one archive: the pipeline, in process
 # and prints median wall times, ratios to (a), stored sizes and dr's peak RSS; with DOUBLE=1 it
 # then doubles the database and shows dr's peak RSS does not grow with it. The results are
 # appended to bench/RESULTS.md.
@@ -53,7 +55,12 @@ recipients = ["$recipient"]
 [[databases]]
 name = "bench"
 url = "$db_url"
+split_min_mib = 0
 TOML
+    config1="$tmp/dr1.toml"
+    cp "$config" "$config1"
+    echo "dump_jobs = 1" >>"$config1"
+    echo "dump_jobs = ${DUMP_JOBS:-2}" >>"$config"
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -74,10 +81,10 @@ run_shell() {
     shell_bytes=$(stat -c %s "$tmp/shell.age")
 }
 
-# $1 names the series: dr at the main size, dr2x after DOUBLE.
+# $1 names the series: dr at the main size, dr2x after DOUBLE, dr1 for one archive.
 run_dr() {
-    local name=${1:-dr}
-    if ! timed "$name" "$dr" --config "$config" --log-format json backup >/dev/null 2>"$tmp/dr.log"; then
+    local name=${1:-dr} cfg=${2:-$config}
+    if ! timed "$name" "$dr" --config "$cfg" --log-format json backup >/dev/null 2>"$tmp/dr.log"; then
         echo "dr backup failed; its log:" >&2
         cat "$tmp/dr.log" >&2
         exit 1
@@ -85,22 +92,27 @@ run_dr() {
     local stored
     stored=$("$dr" --config "$config" --log-format json list --json 2>>"$tmp/dr.log" | jq '.[-1].stored_bytes')
     if [ "$name" = dr ]; then dr_bytes=$stored; fi
+    # dr's own CPU (zstd, age, sha256, upload; not pg_dump's), from its log.
+    jq -r 'select(.message == "backup complete") | .dr_cpu_seconds' "$tmp/dr.log" >>"$tmp/$name.cpu"
+    if [ "$name" = dr1 ]; then dr1_bytes=$stored; fi
     # Only the newest backup matters; removing it keeps the disk from filling over the runs.
     rm -rf "$tmp/repo/bench/bench/backups"
 }
 
+
+run_dr1() { run_dr dr1 "$config1"; }
 
 run_rounds() {
     local round order cmd
     for round in $(seq 1 "$RUNS"); do
         # Rotating the order as well as alternating spreads cache and thermal drift evenly.
         case $(( (round - 1) % 3 )) in
-            0) order="pg_dump shell dr" ;;
-            1) order="shell dr pg_dump" ;;
-            *) order="dr pg_dump shell" ;;
+            0) order="pg_dump shell dr dr1" ;;
+            1) order="shell dr dr1 pg_dump" ;;
+            *) order="dr dr1 pg_dump shell" ;;
         esac
         for cmd in $order; do "run_$cmd"; done
-        log "round $round/$RUNS: pg_dump $(last pg_dump)s, shell $(last shell)s, dr $(last dr)s"
+        log "round $round/$RUNS: pg_dump $(last pg_dump)s, shell $(last shell)s, dr $(last dr)s, dr one archive $(last dr1)s"
     done
 }
 
@@ -110,8 +122,13 @@ run_rounds() {
 
 
 report() {
-    local a b c ra rb rc dr_rss_med dr_rss_max
+    local a b c d ra rb rc rd dr_rss_med dr_rss_max cpu cpu1 gib
     a=$(col pg_dump 1 | median)
+    d=$(col dr1 1 | median)
+    rd=$(kib_to_mib "$(col dr1 2 | median)")
+    cpu=$(median <"$tmp/dr.cpu")
+    cpu1=$(median <"$tmp/dr1.cpu")
+    gib=$(awk -v b="$raw_bytes" 'BEGIN { printf "%.3f", b / 1073741824 }')
     b=$(col shell 1 | median)
     c=$(col dr 1 | median)
     ra=$(kib_to_mib "$(col pg_dump 2 | median)")
@@ -132,11 +149,15 @@ report() {
 |---|---:|---:|---:|---:|
 | a. \`pg_dump -Fc -Z0 > /dev/null\` | ${a} s | 1.00 | ${ra} MiB | — |
 | b. \`pg_dump -Fc -Z0 \| zstd -3 -T0 \| age\` | ${b} s | $(ratio "$b" "$a") | ${rb} MiB | $(human "$shell_bytes") |
-| c. \`dr backup\` (file://) | ${c} s | $(ratio "$c" "$a") | ${rc} MiB | $(human "$dr_bytes") |
+| c. \`dr backup\` (file://), dump_jobs = ${DUMP_JOBS:-2} | ${c} s | $(ratio "$c" "$a") | ${rc} MiB | $(human "$dr_bytes") |
+| d. \`dr backup\` (file://), dump_jobs = 1 | ${d} s | $(ratio "$d" "$a") | ${rd} MiB | $(human "$dr1_bytes") |
 
-Wall times per run (s): pg_dump $(col pg_dump 1 | xargs), shell $(col shell 1 | xargs), dr $(col dr 1 | xargs).
+dr's own CPU (zstd + age + sha256 + writing; pg_dump excluded), median: $(awk -v c="$cpu" -v g="$gib" 'BEGIN { printf "%.1f", c / g }') CPU-s per GiB of archive split, $(awk -v c="$cpu1" -v g="$gib" 'BEGIN { printf "%.1f", c / g }') one archive.
+
+Wall times per run (s): pg_dump $(col pg_dump 1 | xargs), shell $(col shell 1 | xargs), dr $(col dr 1 | xargs), dr one archive $(col dr1 1 | xargs).
 
 Targets: dr ≤ 1.10× pg_dump alone: $(ratio "$c" "$a")× $(pass "$(ratio "$c" "$a")" 1.10); \
+dr (split) ≤ the shell script: $(ratio "$c" "$b")× of it $(pass "$(ratio "$c" "$b")" 1.00); \
 dr peak RSS ≤ 64 MiB: median ${dr_rss_med} MiB, max ${dr_rss_max} MiB $(pass "$dr_rss_max" 64).
 EOF
     if [ "$DOUBLE" = 1 ]; then

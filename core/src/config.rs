@@ -272,6 +272,17 @@ pub struct DatabaseConfig {
     pub drill: Option<DrillConfig>,
     /// Continuous capture of committed changes through logical decoding.
     pub continuous: Option<ContinuousConfig>,
+    /// Concurrent `pg_dump` data archives per backup, from one snapshot (1 = one archive);
+    /// default min(4, cores).
+    pub dump_jobs: Option<u32>,
+    /// Databases smaller than this (tables, TOAST included) stay one archive: K extra
+    /// `pg_dump` start-ups cost more than a split saves.
+    #[serde(default = "default_split_min_mib")]
+    pub split_min_mib: u64,
+}
+
+fn default_split_min_mib() -> u64 {
+    256
 }
 
 /// `[databases.continuous]`: the publication and slot dr reads the database's changes from.
@@ -312,6 +323,13 @@ impl DatabaseConfig {
     /// The backup classes this database's schedules produce.
     pub fn classes(&self) -> impl Iterator<Item = &str> {
         self.schedules.iter().map(|s| s.class.as_str())
+    }
+
+    /// The data archives a backup of this database is split into (before the size check).
+    pub fn dump_jobs(&self) -> u32 {
+        self.dump_jobs.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, |n| n.get().min(4) as u32)
+        })
     }
 
     /// The slot and publication names of a continuous database.
@@ -628,6 +646,16 @@ impl Config {
                 return Err(invalid(format!(
                     "{owner} lock_wait_timeout = \"{wait}\" is too short; give at least 1s (pg_dump waits that long for each table lock)"
                 )));
+            }
+        }
+        for db in &self.databases {
+            if let Some(k) = db.dump_jobs {
+                if !(1..=16).contains(&k) {
+                    return Err(invalid(format!(
+                        "database `{}`: dump_jobs = {k} is out of range (1 to 16; each is one pg_dump session on the source)",
+                        db.name
+                    )));
+                }
             }
         }
         for n in &self.notify {

@@ -9,6 +9,7 @@
 //! - [`backup`]: one backup of one database, end to end.
 //! - [`retention`]: which backups to keep, and pruning the rest.
 //! - [`snapshot`]: a held snapshot for `pg_dump --snapshot` and exact row counts.
+//! - [`split`]: a backup as a schema archive and K data archives from one snapshot.
 //! - [`redact`]: keeping secrets out of logs and errors.
 
 pub mod backup;
@@ -22,4 +23,5 @@ pub mod redact;
 pub mod repo;
 pub mod retention;
 pub mod snapshot;
+pub mod split;
 pub mod storage;

@@ -10,14 +10,19 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Name;
 
-/// The manifest format this build writes and the newest it reads.
+/// The manifest format of a one-archive backup, which every dr reads.
 pub const FORMAT_VERSION: u32 = 1;
+/// A split backup (a schema archive and several data archives): a dr that knows only
+/// version 1 must refuse it rather than restore one data archive and call it done.
+pub const FORMAT_SPLIT: u32 = 2;
+/// The newest format this build reads.
+pub const FORMAT_NEWEST: u32 = FORMAT_SPLIT;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
     #[error("manifest {key} is not valid JSON or is missing fields: {message}")]
     Malformed { key: String, message: String },
-    #[error("manifest {key} has format version {found}, but this dr reads up to version {FORMAT_VERSION}; upgrade dr to read it")]
+    #[error("manifest {key} has format version {found}, but this dr reads up to version {FORMAT_NEWEST}; upgrade dr to read it")]
     UnknownVersion { key: String, found: u64 },
     #[error("manifest {key} is invalid: {message}; dr never writes that, so the manifest was damaged or tampered with")]
     Invalid { key: String, message: String },
@@ -49,6 +54,19 @@ pub struct Manifest {
     /// stream, so a point-in-time restore applies exactly the transactions it does not see.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub continuous_base: Option<BaseSnapshot>,
+    /// A split backup's restore, step by step (empty for one archive): the schema archive's
+    /// pre-data, then every data archive (concurrently), then the schema's post-data.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub restore_order: Vec<RestoreStep>,
+}
+
+/// One step of a split backup's restore.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RestoreStep {
+    /// `pre-data`, `data` or `post-data` (pg_restore's `--section`).
+    pub section: String,
+    /// The archives this step restores; several run concurrently.
+    pub objects: Vec<String>,
 }
 
 /// The dump's snapshot as PostgreSQL describes it: transaction ids and a WAL position only.
@@ -81,8 +99,11 @@ pub struct Encryption {
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum ObjectRole {
-    /// The database: a pg_dump custom-format archive.
+    /// The database (or, in a split backup, one share of its tables' data): a pg_dump
+    /// custom-format archive.
     Data,
+    /// A split backup's schema: pre-data and post-data sections, no table data.
+    Schema,
     /// Roles and tablespaces: `pg_dumpall --globals-only` SQL.
     Globals,
     /// Exact row count of every table in the dump's snapshot (JSON), for drills.
@@ -113,7 +134,7 @@ impl Manifest {
         };
         let value: serde_json::Value = serde_json::from_slice(bytes).map_err(malformed)?;
         let found = value.get("format").and_then(|v| v.as_u64()).unwrap_or(0);
-        if found == 0 || found > u64::from(FORMAT_VERSION) {
+        if found == 0 || found > u64::from(FORMAT_NEWEST) {
             if found == 0 {
                 return Err(ManifestError::Malformed {
                     key: key.to_string(),
@@ -166,6 +187,24 @@ impl Manifest {
 
     pub fn object(&self, role: ObjectRole) -> Option<&ObjectEntry> {
         self.objects.iter().find(|o| o.role == role)
+    }
+
+    /// Whether this backup is a schema archive plus several data archives.
+    pub fn is_split(&self) -> bool {
+        self.object(ObjectRole::Schema).is_some()
+    }
+
+    /// The pg_dump archives (schema and data), in manifest order.
+    pub fn archives(&self) -> impl Iterator<Item = &ObjectEntry> {
+        self.objects
+            .iter()
+            .filter(|o| matches!(o.role, ObjectRole::Data | ObjectRole::Schema))
+    }
+
+    /// Plaintext and stored bytes of the database's archives together.
+    pub fn database_bytes(&self) -> (u64, u64) {
+        self.archives()
+            .fold((0, 0), |(r, s), o| (r + o.raw_bytes, s + o.stored_bytes))
     }
 }
 
@@ -247,6 +286,7 @@ mod tests {
             objects: vec![],
             row_counts_unavailable: None,
             continuous_base: None,
+            restore_order: Vec::new(),
         }
     }
 

@@ -67,6 +67,11 @@ impl HeldSnapshot {
         Ok(HeldSnapshot { client, id, base })
     }
 
+    /// The tables this snapshot sees, with their sizes, for splitting the dump.
+    pub async fn tables(&self) -> Result<Vec<crate::split::Table>, PgError> {
+        crate::split::list_tables(&self.client).await
+    }
+
     /// Starts counting rows in this snapshot on a session of its own.
     pub async fn start_counting(&self, conn: &Connection) -> Counting {
         let client = match conn.connect("dr row counts").await {

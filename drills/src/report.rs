@@ -62,6 +62,18 @@ pub struct Stages {
     #[serde(default)]
     pub replay: f64,
     pub checks: f64,
+    /// A split backup: the restore's pre-data, data (archives side by side) and post-data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore_sections: Option<RestoreSections>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct RestoreSections {
+    pub pre_data: f64,
+    pub data: f64,
+    pub post_data: f64,
+    /// How many data archives were streamed side by side.
+    pub data_archives: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -202,6 +202,21 @@ async fn attempt(
     r.stages.fetch = summary.seconds.fetch;
     r.stages.decrypt_decompress = summary.seconds.decrypt_decompress;
     r.stages.restore = summary.seconds.pg_restore;
+    r.stages.restore_sections =
+        summary
+            .seconds
+            .sections
+            .as_ref()
+            .map(|s| crate::report::RestoreSections {
+                pre_data: s.pre_data,
+                data: s.data,
+                post_data: s.post_data,
+                data_archives: m
+                    .objects
+                    .iter()
+                    .filter(|o| o.role == dr_core::manifest::ObjectRole::Data)
+                    .count(),
+            });
     r.checks.push(Check {
         name: "pg_restore".into(),
         passed: true,

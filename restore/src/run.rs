@@ -32,6 +32,9 @@ use crate::select::{self, Selector};
 use crate::target::{Target, TargetState};
 use crate::RestoreError;
 
+mod split;
+pub use split::SectionSeconds;
+
 /// Headroom asked of the staging disk beyond the archive itself.
 const STAGING_MARGIN: u64 = 64 * 1024 * 1024;
 
@@ -123,6 +126,9 @@ pub struct Seconds {
     pub decrypt_decompress: f64,
     pub pg_restore: f64,
     pub total: f64,
+    /// A split backup's steps: pre-data, the data archives side by side, post-data.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sections: Option<SectionSeconds>,
 }
 
 /// What `--dry-run` found, touching nothing.
@@ -161,6 +167,7 @@ fn object(m: &Manifest, role: ObjectRole) -> Result<&ObjectEntry, RestoreError> 
             ObjectRole::Data => "data",
             ObjectRole::Globals => "globals",
             ObjectRole::RowCounts => "row counts",
+            ObjectRole::Schema => "schema",
         },
     })
 }
@@ -273,11 +280,20 @@ pub async fn dry_run(repo: &Repository, req: &Request) -> Result<DryRun, Restore
     let (destination, plan) = match &req.destination {
         Destination::File(path) => (
             path.display().to_string(),
-            format!(
-                "would write the {} byte pg_dump archive to {}",
-                data.raw_bytes,
-                path.display()
-            ),
+            if m.is_split() {
+                format!(
+                    "would write the backup's {} pg_dump archives ({} bytes) into the new directory {}",
+                    m.archives().count(),
+                    m.database_bytes().0,
+                    path.display()
+                )
+            } else {
+                format!(
+                    "would write the {} byte pg_dump archive to {}",
+                    data.raw_bytes,
+                    path.display()
+                )
+            },
         ),
         Destination::Database {
             conn,
@@ -305,8 +321,8 @@ pub async fn dry_run(repo: &Repository, req: &Request) -> Result<DryRun, Restore
         database: m.database.clone(),
         backup_started_at: m.started_at,
         classes: m.classes.clone(),
-        stored_bytes: data.stored_bytes,
-        raw_bytes: data.raw_bytes,
+        stored_bytes: m.database_bytes().1,
+        raw_bytes: m.database_bytes().0,
         destination,
         identity_can_decrypt: true,
         plan,
@@ -323,14 +339,13 @@ pub async fn restore(
     let started = Instant::now();
     let m = choose(repo, &req).await?;
     let data = object(&m, ObjectRole::Data)?.clone();
+    let (raw_bytes, stored_bytes) = m.database_bytes();
     tracing::info!(
         backup = %m.id, database = %m.database, taken_at = %m.started_at,
-        stored_bytes = data.stored_bytes, raw_bytes = data.raw_bytes,
+        stored_bytes, raw_bytes, archives = m.archives().count(),
         "restoring backup"
     );
-    watch
-        .stored_total
-        .store(data.stored_bytes, Ordering::Relaxed);
+    watch.stored_total.store(stored_bytes, Ordering::Relaxed);
     let mut summary = Summary {
         backup_id: m.id.to_string(),
         database: m.database.clone(),
@@ -339,8 +354,8 @@ pub async fn restore(
         mode: "staged",
         jobs: req.jobs,
         target_created: false,
-        stored_bytes: data.stored_bytes,
-        raw_bytes: data.raw_bytes,
+        stored_bytes,
+        raw_bytes,
         seconds: Seconds::default(),
         globals: None,
     };
@@ -348,7 +363,11 @@ pub async fn restore(
         Destination::File(path) => {
             summary.destination = path.display().to_string();
             summary.mode = "output";
-            let (fetch, decode) = to_file(repo, &m, &data, &req, path, &watch).await?;
+            let (fetch, decode) = if m.is_split() {
+                split::to_dir(repo, &m, &req, path, &watch).await?
+            } else {
+                to_file(repo, &m, &data, &req, path, &watch).await?
+            };
             summary.seconds.fetch = fetch;
             summary.seconds.decrypt_decompress = decode;
         }
@@ -369,8 +388,38 @@ pub async fn restore(
                 clean,
                 no_owner: *no_owner,
                 no_acl: *no_acl,
+                section: None,
             };
-            if req.jobs <= 1 && !state.exists {
+            if m.is_split() {
+                summary.target_created = !state.exists;
+                if state.exists {
+                    summary.mode = "split-staged";
+                    split::staged(
+                        repo,
+                        &m,
+                        &req,
+                        &target,
+                        *globals,
+                        opts,
+                        &watch,
+                        &mut summary,
+                    )
+                    .await?;
+                } else {
+                    summary.mode = "split-streamed";
+                    split::streamed(
+                        repo,
+                        &m,
+                        &req,
+                        &target,
+                        *globals,
+                        opts,
+                        &watch,
+                        &mut summary,
+                    )
+                    .await?;
+                }
+            } else if req.jobs <= 1 && !state.exists {
                 summary.mode = "streamed";
                 summary.target_created = true;
                 streamed(
@@ -817,6 +866,8 @@ struct PgRestoreOptions {
     clean: bool,
     no_owner: bool,
     no_acl: bool,
+    /// `--section`: one step of a split backup's restore.
+    section: Option<&'static str>,
 }
 
 /// A running `pg_restore`, its verbose stderr counted for progress and kept for errors.
@@ -841,6 +892,9 @@ impl PgRestore {
         }
         if opts.clean {
             cmd.args(["--clean", "--if-exists"]);
+        }
+        if let Some(section) = opts.section {
+            cmd.arg(format!("--section={section}"));
         }
         if opts.no_owner {
             cmd.arg("--no-owner");

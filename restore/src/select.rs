@@ -139,6 +139,7 @@ mod tests {
             objects: vec![],
             row_counts_unavailable: None,
             continuous_base: None,
+            restore_order: Vec::new(),
         }
     }
 

@@ -121,7 +121,7 @@ async fn deep(
     let control = Control::default();
     let clock = FetchClock::default();
     let mut cannot_deep_verify = None;
-    if entry.role == ObjectRole::Data {
+    if matches!(entry.role, ObjectRole::Data | ObjectRole::Schema) {
         match crate::run::pg_restore_for(found, m) {
             Ok(tools) => return list_archive(repo, m, entry, ids, &tools).await,
             Err(e) if e.is_missing_tools() => cannot_deep_verify = Some(e.to_string()),

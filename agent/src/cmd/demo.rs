@@ -117,14 +117,12 @@ rto = "10m"
             &Default::default(),
         )
         .await?;
-        let data = manifest
-            .object(dr_core::manifest::ObjectRole::Data)
-            .expect("data object");
+        let (raw, stored) = manifest.database_bytes();
         eprintln!(
             "    backup {}: {} dumped, {} stored",
             manifest.id,
-            HumanBytes(data.raw_bytes),
-            HumanBytes(data.stored_bytes)
+            HumanBytes(raw),
+            HumanBytes(stored)
         );
 
         step("dr drill: restore into a second throwaway cluster, check, time it");

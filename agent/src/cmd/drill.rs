@@ -246,6 +246,12 @@ pub fn print_report(r: &DrillReport) {
         "  stages: prepare {:.1} s, fetch {:.1} s, decrypt+decompress {:.1} s, restore {:.1} s, replay {:.1} s, checks {:.1} s",
         s.prepare, s.fetch, s.decrypt_decompress, s.restore, s.replay, s.checks
     );
+    if let Some(x) = &s.restore_sections {
+        println!(
+            "  restore of the split backup: pre-data {:.1} s, {} data archives side by side {:.1} s, post-data {:.1} s",
+            x.pre_data, x.data_archives, x.data, x.post_data
+        );
+    }
     for c in &r.checks {
         println!(
             "  {} {}: {}",

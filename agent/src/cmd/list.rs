@@ -38,7 +38,7 @@ struct Entry<'a> {
     raw_bytes: u64,
     /// The database dump's size as stored.
     stored_bytes: u64,
-    /// sha256 of the stored database dump.
+    /// sha256 of the stored database dump (a split backup's first data archive).
     sha256: &'a str,
     server_version: &'a str,
     objects: &'a [dr_core::manifest::ObjectEntry],
@@ -58,8 +58,8 @@ impl<'a> From<&'a Manifest> for Entry<'a> {
             classes: &m.classes,
             started_at: m.started_at.to_string(),
             finished_at: m.finished_at.to_string(),
-            raw_bytes: data.map_or(0, |d| d.raw_bytes),
-            stored_bytes: data.map_or(0, |d| d.stored_bytes),
+            raw_bytes: m.database_bytes().0,
+            stored_bytes: m.database_bytes().1,
             sha256: data.map_or("", |d| d.sha256.as_str()),
             server_version: &m.server_version,
             objects: &m.objects,

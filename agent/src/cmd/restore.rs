@@ -25,6 +25,11 @@ use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 /// target. With --jobs 1 it streams straight into pg_restore, only into a database it
 /// creates (--create), which it drops again if anything fails.
 ///
+/// A split backup (`dump_jobs` > 1 in the config) restores into a database it creates by
+/// streaming every data archive from storage into its own pg_restore at once, between the
+/// schema's pre-data and its post-data (`pg_restore -j N`); into an existing database every
+/// archive is verified to local files first.
+///
 /// With continuous capture, --to-time rebuilds the database as of any moment the change
 /// segments cover: the newest backup whose snapshot is before it, restored as above, then
 /// every later transaction committed up to that moment, in commit order, then the
@@ -76,7 +81,9 @@ pub struct Args {
     #[arg(long, group = "dest", value_name = "URL")]
     target: Option<String>,
 
-    /// Write the decrypted, decompressed pg_dump archive here instead.
+    /// Write the decrypted, decompressed pg_dump archive here instead. A split backup
+    /// (`dump_jobs` > 1) is several archives: they go into the new directory FILE
+    /// (schema.dump, data.dump, data-2.dump, ...; see README, break-glass restore).
     #[arg(long, short, group = "dest", value_name = "FILE")]
     output: Option<PathBuf>,
 

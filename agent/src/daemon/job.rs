@@ -288,8 +288,9 @@ pub async fn run_job(shared: &Arc<Shared>, db: &DatabaseConfig, trigger: Trigger
         for c in &m.classes {
             set_last_success(shared, name, c, m.started_at);
         }
-        if let Some(data) = m.object(dr_core::manifest::ObjectRole::Data) {
-            for (stage, bytes) in [("raw", data.raw_bytes), ("stored", data.stored_bytes)] {
+        if m.object(dr_core::manifest::ObjectRole::Data).is_some() {
+            let (raw, stored) = m.database_bytes();
+            for (stage, bytes) in [("raw", raw), ("stored", stored)] {
                 shared
                     .metrics
                     .size

@@ -279,6 +279,26 @@ impl Connection {
         Ok(ChildSource::spawn("pg_dump", cmd, self.secrets())?)
     }
 
+    /// Starts one `pg_dump` of a split backup: `part`'s arguments added to a whole dump's.
+    pub fn spawn_pg_dump_part(
+        &self,
+        tools: &PgTools,
+        snapshot: &str,
+        lock_wait_timeout: std::time::Duration,
+        part: &crate::split::Part,
+    ) -> Result<ChildSource, PgError> {
+        let mut cmd = self.command(&tools.bin("pg_dump"));
+        cmd.args(["--format=custom", "--compress=0", "--no-password"])
+            .arg(format!("--dbname={}", self.url.for_argv()))
+            .arg(format!(
+                "--lock-wait-timeout={}",
+                lock_wait_timeout.as_millis().max(1)
+            ))
+            .arg(format!("--snapshot={snapshot}"))
+            .args(part.pg_dump_args());
+        Ok(ChildSource::spawn("pg_dump", cmd, self.secrets())?)
+    }
+
     /// Starts `pg_dumpall --globals-only`; with `role_passwords = false` it reads `pg_roles`
     /// instead of `pg_authid`, which managed services (RDS, Cloud SQL) do not let users read.
     pub fn spawn_pg_dumpall_globals(
