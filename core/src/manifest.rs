@@ -300,12 +300,13 @@ mod tests {
     #[test]
     fn unknown_version_and_garbage_are_refused_clearly() {
         let mut v: serde_json::Value = serde_json::from_slice(&sample().to_json()).unwrap();
-        v["format"] = 2.into();
+        v["format"] = (FORMAT_NEWEST + 1).into();
         let err = Manifest::from_json("k", v.to_string().as_bytes())
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains("format version 2") && err.contains("upgrade dr"),
+            err.contains(&format!("format version {}", FORMAT_NEWEST + 1))
+                && err.contains("upgrade dr"),
             "{err}"
         );
         let json = sample().to_json();
