@@ -113,11 +113,19 @@ pub fn plan(tables: &[Table], k: usize) -> Vec<Part> {
 
 /// Tables whose data `pg_dump` dumps by default (ordinary tables and partitions, not
 /// extension members, temporary or foreign tables), with their sizes, largest first.
+///
+/// Sizes come from the catalog's statistics (`relpages`, kept current by VACUUM, ANALYZE and
+/// autovacuum; a table never analyzed counts as empty), not `pg_table_size`: that takes each
+/// table's ACCESS SHARE lock, so behind a session holding ACCESS EXCLUSIVE it would wait
+/// forever, before pg_dump's own `--lock-wait-timeout` could apply.
 pub async fn list_tables(client: &PgClient) -> Result<Vec<Table>, PgError> {
     let rows = client
         .query(
-            "SELECT n.nspname::text, c.relname::text, pg_table_size(c.oid)::bigint \
+            "SELECT n.nspname::text, c.relname::text, \
+                 (c.relpages::bigint + COALESCE(t.relpages, 0)::bigint) \
+                 * current_setting('block_size')::bigint \
              FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             LEFT JOIN pg_class t ON t.oid = c.reltoastrelid \
              WHERE c.relkind = 'r' AND c.relpersistence <> 't' \
                AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
                AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp%' \
