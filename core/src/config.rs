@@ -224,6 +224,9 @@ pub struct AgentConfig {
     /// (`--lock-wait-timeout`); `[[databases]] lock_wait_timeout` overrides it.
     #[serde(default = "default_lock_wait_timeout")]
     pub lock_wait_timeout: Duration,
+    /// The read-only status page at `/` on `listen`, next to `/metrics`.
+    #[serde(default = "default_status_page")]
+    pub status_page: bool,
 }
 
 fn default_listen() -> std::net::SocketAddr {
@@ -239,6 +242,10 @@ fn default_lock_wait_timeout() -> Duration {
     Duration::try_from("10m".to_string()).expect("valid default")
 }
 
+fn default_status_page() -> bool {
+    true
+}
+
 fn default_timezone() -> TimeZone {
     TimeZone(jiff::tz::TimeZone::UTC, "UTC".into())
 }
@@ -251,6 +258,7 @@ impl Default for AgentConfig {
             max_concurrent_jobs: default_max_jobs(),
             job_timeout: default_job_timeout(),
             lock_wait_timeout: default_lock_wait_timeout(),
+            status_page: default_status_page(),
         }
     }
 }

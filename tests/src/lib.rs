@@ -7,6 +7,7 @@
 
 mod agent;
 mod base;
+mod browser;
 mod config;
 mod dr;
 mod garage;
@@ -22,6 +23,7 @@ mod util;
 
 pub use agent::{http_get, metric_value, Agent, TableLock, WebhookReceiver, WebhookRequest};
 pub use base::BedBase;
+pub use browser::Browser;
 pub use config::{database_toml, encryption_toml, write_config, Storage};
 pub use dr::{dr_binary, wait_with_timeout, Dr, DrOutput};
 pub use garage::{garage_binary, Garage};

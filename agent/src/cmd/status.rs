@@ -5,6 +5,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use comfy_table::{presets::UTF8_BORDERS_ONLY, Table};
+use dr_core::config::Config;
 use dr_core::manifest::Manifest;
 use dr_core::repo::Repository;
 use jiff::Timestamp;
@@ -26,50 +27,53 @@ pub struct Args {
     json: bool,
 }
 
+/// One database or directory: a line of `dr status` and a row of the status page.
 #[derive(Serialize)]
-struct Row {
-    environment: String,
-    database: String,
-    last_backup_id: Option<String>,
-    last_backup_at: Option<Timestamp>,
+pub(crate) struct Row {
+    /// `database` or `directory`.
+    pub(crate) kind: &'static str,
+    pub(crate) environment: String,
+    pub(crate) database: String,
+    pub(crate) last_backup_id: Option<String>,
+    pub(crate) last_backup_at: Option<Timestamp>,
     /// Continuous capture: every commit up to this time is in a stored change segment.
     #[serde(skip_serializing_if = "Option::is_none")]
-    changes_covered_until: Option<Timestamp>,
+    pub(crate) changes_covered_until: Option<Timestamp>,
     /// Continuous capture: the spans `dr restore --to-time` can reach.
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    restorable_windows: Vec<dr_continuous::pitr::Window>,
+    pub(crate) restorable_windows: Vec<dr_continuous::pitr::Window>,
     /// Age of the newest recovery point: the newest backup, or with continuous capture the
     /// newest covered commit time (once a backup exists to apply the changes to).
-    rpo_seconds: Option<i64>,
-    rpo_objective_seconds: Option<i64>,
+    pub(crate) rpo_seconds: Option<i64>,
+    pub(crate) rpo_objective_seconds: Option<i64>,
     /// `ok`, `breach`, `no_backup` or `no_objective`.
-    rpo_status: &'static str,
-    next_runs: Vec<String>,
-    last_drill: Option<LastDrill>,
+    pub(crate) rpo_status: &'static str,
+    pub(crate) next_runs: Vec<String>,
+    pub(crate) last_drill: Option<LastDrill>,
     /// The same database in each `[[copies]]` repository.
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    copies: Vec<CopyRow>,
+    pub(crate) copies: Vec<CopyRow>,
 }
 
 #[derive(Serialize)]
-struct CopyRow {
-    repository: String,
-    last_backup_id: Option<String>,
-    rpo_seconds: Option<i64>,
+pub(crate) struct CopyRow {
+    pub(crate) repository: String,
+    pub(crate) last_backup_id: Option<String>,
+    pub(crate) rpo_seconds: Option<i64>,
     /// `ok`, `breach`, `no_backup`, `no_objective` or `unreachable`.
-    rpo_status: &'static str,
+    pub(crate) rpo_status: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
-    error: Option<String>,
+    pub(crate) error: Option<String>,
 }
 
 #[derive(Serialize)]
-struct LastDrill {
-    id: String,
-    at: Timestamp,
-    passed: bool,
-    rto_seconds: f64,
-    rto_objective_seconds: Option<f64>,
-    rto_breached: bool,
+pub(crate) struct LastDrill {
+    pub(crate) id: String,
+    pub(crate) at: Timestamp,
+    pub(crate) passed: bool,
+    pub(crate) rto_seconds: f64,
+    pub(crate) rto_objective_seconds: Option<f64>,
+    pub(crate) rto_breached: bool,
 }
 
 impl LastDrill {
@@ -98,56 +102,7 @@ impl Args {
         let repo = super::open_repo(&config).await?;
         let now = Timestamp::now();
         let tz = config.agent.timezone.0.clone();
-        let mut rows = Vec::new();
-
-        // This environment: every configured database, even those without a backup yet.
-        let listing = repo.list(None).await?;
-        let newest = newest_by_database(&listing.backups);
-        for db in &config.databases {
-            let last = newest.get(db.name.as_str()).copied();
-            let objective = db.rpo.as_ref().map(|d| d.seconds_at(now));
-            let mut next: Vec<jiff::Zoned> = db
-                .schedules
-                .iter()
-                .flat_map(|s| s.cron.next_runs(&now.to_zoned(tz.clone()), 1))
-                .collect();
-            next.sort();
-            let segments = match db.continuous {
-                Some(_) => dr_continuous::pitr::list_segments(&repo, db.name.as_str())
-                    .await
-                    .unwrap_or_default(),
-                None => Vec::new(),
-            };
-            let covered = segments.iter().map(|m| m.covered_until).max();
-            let windows =
-                dr_continuous::pitr::windows(db.name.as_str(), &listing.backups, &segments);
-            let mut r = row(
-                config.environment.as_str(),
-                db.name.as_str(),
-                last,
-                covered,
-                objective,
-                now,
-                next.iter()
-                    .map(|z| z.strftime("%Y-%m-%d %H:%M %Z").to_string())
-                    .collect(),
-            );
-            r.last_drill = last_drill(&repo, db.name.as_str()).await;
-            for copy in &config.copies {
-                r.copies.push(
-                    copy_row(
-                        &config,
-                        copy.name.as_str(),
-                        db.name.as_str(),
-                        objective,
-                        now,
-                    )
-                    .await,
-                );
-            }
-            r.restorable_windows = windows;
-            rows.push(r);
-        }
+        let mut rows = gather(&config, &repo, now).await?;
         if self.all_environments {
             for env in environments(&repo).await? {
                 if env == config.environment.as_str() {
@@ -223,6 +178,90 @@ impl Args {
     }
 }
 
+/// This environment's rows: every configured database and directory, even those without a
+/// backup yet, with its copies and last drill. `dr status` and the agent's status page
+/// show the same thing.
+pub(crate) async fn gather(
+    config: &Config,
+    repo: &Repository,
+    now: Timestamp,
+) -> anyhow::Result<Vec<Row>> {
+    let tz = config.agent.timezone.0.clone();
+    let next_runs = |schedules: &[dr_core::config::ScheduleConfig]| {
+        let mut next: Vec<jiff::Zoned> = schedules
+            .iter()
+            .flat_map(|s| s.cron.next_runs(&now.to_zoned(tz.clone()), 1))
+            .collect();
+        next.sort();
+        next.iter()
+            .map(|z| z.strftime("%Y-%m-%d %H:%M %Z").to_string())
+            .collect::<Vec<_>>()
+    };
+    let mut rows = Vec::new();
+    let listing = repo.list(None).await?;
+    let newest = newest_by_database(&listing.backups);
+    for db in &config.databases {
+        let last = newest.get(db.name.as_str()).copied();
+        let objective = db.rpo.as_ref().map(|d| d.seconds_at(now));
+        let segments = match db.continuous {
+            Some(_) => dr_continuous::pitr::list_segments(repo, db.name.as_str())
+                .await
+                .unwrap_or_default(),
+            None => Vec::new(),
+        };
+        let covered = segments.iter().map(|m| m.covered_until).max();
+        let windows = dr_continuous::pitr::windows(db.name.as_str(), &listing.backups, &segments);
+        let mut r = row(
+            config.environment.as_str(),
+            db.name.as_str(),
+            last,
+            covered,
+            objective,
+            now,
+            next_runs(&db.schedules),
+        );
+        r.last_drill = last_drill(repo, db.name.as_str()).await;
+        for copy in &config.copies {
+            r.copies
+                .push(copy_row(config, copy.name.as_str(), db.name.as_str(), objective, now).await);
+        }
+        r.restorable_windows = windows;
+        rows.push(r);
+    }
+    for dir in &config.directories {
+        let name = dir.name.as_str();
+        let newest = dr_directories::list(repo, name)
+            .await?
+            .into_iter()
+            .max_by_key(|m| m.started_at);
+        let objective = dir.rpo.as_ref().map(|d| d.seconds_at(now));
+        let rpo = newest
+            .as_ref()
+            .map(|m| now.as_second() - m.started_at.as_second());
+        let mut r = Row {
+            kind: "directory",
+            environment: config.environment.to_string(),
+            database: name.to_string(),
+            last_backup_id: newest.as_ref().map(|m| m.id.clone()),
+            last_backup_at: newest.as_ref().map(|m| m.started_at),
+            changes_covered_until: None,
+            restorable_windows: Vec::new(),
+            rpo_seconds: rpo,
+            rpo_objective_seconds: objective,
+            rpo_status: rpo_status(rpo, objective),
+            next_runs: next_runs(&dir.schedules),
+            last_drill: last_drill(repo, name).await,
+            copies: Vec::new(),
+        };
+        for copy in &config.copies {
+            r.copies
+                .push(copy_row(config, copy.name.as_str(), name, objective, now).await);
+        }
+        rows.push(r);
+    }
+    Ok(rows)
+}
+
 async fn copy_row(
     config: &dr_core::config::Config,
     name: &str,
@@ -241,12 +280,7 @@ async fn copy_row(
                 repository: name.to_string(),
                 last_backup_id: id,
                 rpo_seconds: rpo,
-                rpo_status: match (rpo, objective) {
-                    (None, _) => "no_backup",
-                    (Some(_), None) => "no_objective",
-                    (Some(r), Some(o)) if r <= o => "ok",
-                    _ => "breach",
-                },
+                rpo_status: rpo_status(rpo, objective),
                 error: None,
             }
         }
@@ -276,13 +310,8 @@ fn row(
 ) -> Row {
     let point = last.map(|m| covered.map_or(m.started_at, |c| c.max(m.started_at)));
     let rpo = point.map(|p| now.as_second() - p.as_second());
-    let rpo_status = match (rpo, objective) {
-        (None, _) => "no_backup",
-        (Some(_), None) => "no_objective",
-        (Some(r), Some(o)) if r <= o => "ok",
-        _ => "breach",
-    };
     Row {
+        kind: "database",
         environment: environment.to_string(),
         database: database.to_string(),
         last_backup_id: last.map(|m| m.id.to_string()),
@@ -291,7 +320,7 @@ fn row(
         restorable_windows: Vec::new(),
         rpo_seconds: rpo,
         rpo_objective_seconds: objective,
-        rpo_status,
+        rpo_status: rpo_status(rpo, objective),
         next_runs,
         last_drill: None,
         copies: Vec::new(),
@@ -311,6 +340,15 @@ async fn last_drill(repo: &Repository, database: &str) -> Option<LastDrill> {
         rto_objective_seconds: r.rto_objective_seconds,
         rto_breached: r.rto_breached,
     })
+}
+
+fn rpo_status(rpo: Option<i64>, objective: Option<i64>) -> &'static str {
+    match (rpo, objective) {
+        (None, _) => "no_backup",
+        (Some(_), None) => "no_objective",
+        (Some(r), Some(o)) if r <= o => "ok",
+        _ => "breach",
+    }
 }
 
 fn newest_by_database(backups: &[Manifest]) -> BTreeMap<&str, &Manifest> {
@@ -337,7 +375,7 @@ async fn environments(repo: &Repository) -> anyhow::Result<Vec<String>> {
 }
 
 /// `3h 12m`, `2d 4h`, `45s`.
-fn human_duration(secs: i64) -> String {
+pub(crate) fn human_duration(secs: i64) -> String {
     let s = secs.max(0);
     match s {
         0..60 => format!("{s}s"),

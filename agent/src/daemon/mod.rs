@@ -22,6 +22,7 @@ pub mod job;
 pub mod lock;
 pub mod metrics;
 pub mod notify;
+pub mod page;
 pub mod schedule;
 
 use std::collections::{BTreeSet, HashMap};
@@ -105,6 +106,7 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<ExitCode> {
     let metrics = Arc::new(Metrics::new());
     let heartbeat = Arc::new(AtomicI64::new(Timestamp::now().as_second()));
     let shutdown = CancellationToken::new();
+    let page = Arc::new(page::Page::default());
 
     let listener = tokio::net::TcpListener::bind(config.agent.listen)
         .await
@@ -120,6 +122,7 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<ExitCode> {
         http::HttpState {
             metrics: metrics.clone(),
             heartbeat: heartbeat.clone(),
+            page: page.clone(),
         },
         shutdown.clone(),
     ));
@@ -140,6 +143,7 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<ExitCode> {
     spawn_watchdog(heartbeat.clone(), status.clone(), shutdown.clone());
 
     let generation = |config: &Arc<Config>, repo: Repository| {
+        page.set_source(config.clone(), repo.clone());
         let shared = Arc::new(Shared {
             config: config.clone(),
             repo,
