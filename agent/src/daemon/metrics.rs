@@ -224,3 +224,289 @@ pub fn db_repo(environment: &str, database: &str, repository: &str) -> DbRepo {
         repository: repository.to_string(),
     }
 }
+
+/// The alert rules and the dashboard shipped in packaging/ query only what `Metrics` exports:
+/// a renamed or misspelled family fails here, not silently in an operator's Prometheus.
+#[cfg(test)]
+mod packaging_tests {
+    use super::Metrics;
+    use std::collections::BTreeSet;
+    use std::path::PathBuf;
+
+    const RULES: &str = "packaging/prometheus/dr-rules.yaml";
+    const DASHBOARD: &str = "packaging/grafana/dr.json";
+
+    fn read(relative: &str) -> String {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("..")
+            .join(relative);
+        std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
+    }
+
+    /// Every family with one series: prometheus_client leaves empty families out.
+    fn populated() -> Metrics {
+        let m = Metrics::new();
+        let (db, repo) = (super::db("e", "d"), super::db_repo("e", "d", "primary"));
+        let class = super::DbClass {
+            environment: "e".into(),
+            database: "d".into(),
+            class: "daily".into(),
+        };
+        let stage = super::DbStage {
+            environment: "e".into(),
+            database: "d".into(),
+            stage: "raw".into(),
+        };
+        let reason = super::DbReason {
+            environment: "e".into(),
+            database: "d".into(),
+            reason: "lock_held".into(),
+        };
+        // Destructured, so a new family cannot be added without being listed here.
+        let Metrics {
+            registry: _,
+            last_success,
+            duration,
+            size,
+            failures,
+            skipped,
+            rpo,
+            copy_failures,
+            rpo_objective,
+            drill_last_success,
+            drill_rto,
+            rto_objective,
+            drill_failures,
+            drill_achieved_rpo,
+            continuous_retained,
+            continuous_without_identity,
+            continuous_at_risk,
+            continuous_covered_until,
+            continuous_segments,
+            continuous_capture_failures,
+            continuous_lag,
+        } = &m;
+        last_success.get_or_create(&class).set(1.0);
+        for gauge in [
+            duration,
+            rpo_objective,
+            drill_last_success,
+            drill_rto,
+            rto_objective,
+            drill_achieved_rpo,
+            continuous_covered_until,
+        ] {
+            gauge.get_or_create(&db).set(1.0);
+        }
+        rpo.get_or_create(&repo).set(1.0);
+        size.get_or_create(&stage).set(1);
+        for gauge in [
+            continuous_retained,
+            continuous_without_identity,
+            continuous_at_risk,
+        ] {
+            gauge.get_or_create(&db).set(1);
+        }
+        for counter in [
+            failures,
+            drill_failures,
+            continuous_segments,
+            continuous_capture_failures,
+        ] {
+            counter.get_or_create(&db).inc();
+        }
+        skipped.get_or_create(&reason).inc();
+        copy_failures.get_or_create(&repo).inc();
+        continuous_lag.get_or_create(&db).observe(1.0);
+        m
+    }
+
+    /// Every sample name a scrape can contain, from the `# TYPE` lines of the encoding.
+    fn exported() -> BTreeSet<String> {
+        let mut names = BTreeSet::new();
+        for line in populated().encode().lines() {
+            let Some(rest) = line.strip_prefix("# TYPE ") else {
+                continue;
+            };
+            let (name, kind) = rest.split_once(' ').expect("# TYPE <name> <type>");
+            match kind {
+                "gauge" => {
+                    names.insert(name.to_string());
+                }
+                "counter" => {
+                    names.insert(format!("{name}_total"));
+                }
+                "histogram" => {
+                    for suffix in ["_bucket", "_sum", "_count"] {
+                        names.insert(format!("{name}{suffix}"));
+                    }
+                }
+                other => panic!("{name}: no rule for metric type {other}"),
+            }
+        }
+        names
+    }
+
+    /// The `dr_…` identifiers in a query (not those inside longer words).
+    fn dr_identifiers(expr: &str) -> Vec<String> {
+        let word = |c: char| c.is_ascii_alphanumeric() || c == '_';
+        let bytes = expr.as_bytes();
+        let mut found = Vec::new();
+        let mut i = 0;
+        while let Some(at) = expr[i..].find("dr_").map(|at| at + i) {
+            let mut end = at + 3;
+            while end < expr.len()
+                && (bytes[end].is_ascii_lowercase()
+                    || bytes[end].is_ascii_digit()
+                    || bytes[end] == b'_')
+            {
+                end += 1;
+            }
+            let preceded = expr[..at].chars().next_back().is_some_and(word);
+            if !preceded && end > at + 3 {
+                found.push(expr[at..end].to_string());
+            }
+            i = end;
+        }
+        found
+    }
+
+    /// The `expr:` values of a rules file, inline or as a block scalar (`expr: |`).
+    fn rule_exprs(yaml: &str) -> Vec<String> {
+        let lines: Vec<&str> = yaml.lines().collect();
+        let indent = |l: &str| l.len() - l.trim_start().len();
+        let mut exprs = Vec::new();
+        for (n, line) in lines.iter().enumerate() {
+            let item = line.trim_start().trim_start_matches("- ");
+            let Some(value) = item.strip_prefix("expr:") else {
+                continue;
+            };
+            let key_column = line.len() - item.len();
+            let value = value.trim();
+            if value.starts_with('|') || value.starts_with('>') {
+                let block = lines[n + 1..]
+                    .iter()
+                    .take_while(|l| l.trim().is_empty() || indent(l) > key_column)
+                    .copied()
+                    .collect::<Vec<_>>()
+                    .join("\n");
+                exprs.push(block);
+            } else {
+                exprs.push(value.to_string());
+            }
+        }
+        exprs
+    }
+
+    /// Every target's `expr` and every template variable's query, anywhere in the dashboard.
+    fn dashboard_exprs(v: &serde_json::Value, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(map) => {
+                for (key, value) in map {
+                    match (key.as_str(), value) {
+                        ("expr" | "definition", serde_json::Value::String(s)) => {
+                            out.push(s.clone())
+                        }
+                        _ => dashboard_exprs(value, out),
+                    }
+                }
+            }
+            serde_json::Value::Array(items) => {
+                items.iter().for_each(|item| dashboard_exprs(item, out))
+            }
+            _ => {}
+        }
+    }
+
+    fn unknown_metrics(file: &str, exprs: &[String]) -> Vec<String> {
+        let exported = exported();
+        exprs
+            .iter()
+            .flat_map(|e| dr_identifiers(e))
+            .filter(|name| !exported.contains(name))
+            .map(|name| format!("{file} queries {name}, which dr does not export"))
+            .collect()
+    }
+
+    fn dashboard() -> serde_json::Value {
+        serde_json::from_str(&read(DASHBOARD))
+            .unwrap_or_else(|e| panic!("{DASHBOARD} is not valid JSON: {e}"))
+    }
+
+    #[test]
+    fn exported_names_follow_prometheus_client_suffixes() {
+        let names = exported();
+        for name in [
+            "dr_rpo_seconds",
+            "dr_backup_failures_total",
+            "dr_continuous_lag_seconds_bucket",
+            "dr_continuous_lag_seconds_count",
+        ] {
+            assert!(names.contains(name), "{name} missing from {names:?}");
+        }
+        assert!(!names.contains("dr_backup_failures"));
+    }
+
+    #[test]
+    fn alert_rules_query_only_exported_metrics() {
+        let exprs = rule_exprs(&read(RULES));
+        assert!(
+            exprs.len() >= 10,
+            "{RULES}: found only {} exprs",
+            exprs.len()
+        );
+        let unknown = unknown_metrics(RULES, &exprs);
+        assert!(unknown.is_empty(), "{}", unknown.join("\n"));
+    }
+
+    #[test]
+    fn dashboard_queries_only_exported_metrics() {
+        let mut exprs = Vec::new();
+        dashboard_exprs(&dashboard(), &mut exprs);
+        assert!(
+            exprs.len() >= 10,
+            "{DASHBOARD}: found only {} queries",
+            exprs.len()
+        );
+        let unknown = unknown_metrics(DASHBOARD, &exprs);
+        assert!(unknown.is_empty(), "{}", unknown.join("\n"));
+    }
+
+    #[test]
+    fn dashboard_keeps_its_panels() {
+        let titles: BTreeSet<String> = dashboard()["panels"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{DASHBOARD} has no panels"))
+            .iter()
+            .filter_map(|p| p["title"].as_str().map(str::to_string))
+            .collect();
+        for title in [
+            "RPO per database against objective",
+            "Backup duration",
+            "Backup size (raw and stored)",
+            "Drill RTO against objective",
+            "Failures",
+            "Continuous capture lag p99",
+            "Slot retention",
+        ] {
+            assert!(
+                titles.contains(title),
+                "{DASHBOARD} lost its panel {title:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_misspelled_metric_is_named_with_its_file() {
+        let unknown = unknown_metrics(
+            "x.yaml",
+            &rule_exprs("      - expr: |\n          dr_rpo_second > 1\n        for: 5m\n"),
+        );
+        assert_eq!(
+            unknown,
+            ["x.yaml queries dr_rpo_second, which dr does not export"]
+        );
+        assert!(dr_identifiers("xdr_rpo_seconds + up{job=\"dr\"}").is_empty());
+    }
+}
