@@ -47,6 +47,10 @@ pub struct Lease {
     /// What holds it: `agent`, `backup` or `prune` (absent in leases of older versions).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub command: Option<String>,
+    /// Set by a holder that could not delete the lock (credentials without delete, as on
+    /// an Object Lock bucket): free to take at once. Older versions see an expired lease.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub released: bool,
 }
 
 impl fmt::Display for Lease {
@@ -102,6 +106,7 @@ fn lease(owner: &str, command: &str) -> Lease {
         pid: std::process::id(),
         expires_at: Timestamp::now() + jiff::SignedDuration::try_from(LEASE).expect("small"),
         command: Some(command.to_string()),
+        released: false,
     }
 }
 
@@ -143,7 +148,9 @@ pub async fn acquire(
     for _ in 0..ATTEMPTS {
         let body = || Bytes::from(serde_json::to_vec(&lease(owner, command)).expect("serializes"));
         match read(repo, &key).await? {
-            State::Held(held) if held.owner != owner && held.expires_at > Timestamp::now() => {
+            State::Held(held)
+                if held.owner != owner && !held.released && held.expires_at > Timestamp::now() =>
+            {
                 return Ok(Acquired::HeldBy(held));
             }
             State::Free => {
@@ -157,7 +164,7 @@ pub async fn acquire(
                 }
             }
             State::Held(expired) => {
-                if expired.owner != owner {
+                if expired.owner != owner && !expired.released {
                     tracing::warn!(database, holder = %expired, "taking over an expired lock lease");
                 }
                 repo.storage().put(&key, body()).await?;
@@ -217,8 +224,9 @@ impl LockGuard {
         }
     }
 
-    /// Stops renewing and deletes the lock if it is still ours. Waits for the renewal task
-    /// to end first, so a renewal in flight cannot write the lock back after the delete.
+    /// Stops renewing and deletes the lock if it is still ours, or, where the credentials
+    /// may not delete, overwrites it with a released lease. Waits for the renewal task to
+    /// end first, so a renewal in flight cannot write the lock back afterwards.
     pub async fn release(mut self) {
         if let Some(renew) = self.renew.take() {
             renew.abort();
@@ -227,7 +235,20 @@ impl LockGuard {
         match read(&self.repo, &self.key).await {
             Ok(State::Held(l)) if l.owner == self.owner => {
                 if let Err(e) = self.repo.storage().delete(&self.key).await {
-                    tracing::warn!(error = %e, "could not release the lock; it expires by itself");
+                    let released = Lease {
+                        released: true,
+                        expires_at: Timestamp::now(),
+                        ..l
+                    };
+                    let body = Bytes::from(serde_json::to_vec(&released).expect("serializes"));
+                    match self.repo.storage().put(&self.key, body).await {
+                        Ok(()) => {
+                            tracing::debug!(error = %e, "could not delete the lock; marked it released")
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "could not release the lock; it expires by itself")
+                        }
+                    }
                 }
             }
             Ok(_) => {}
@@ -264,6 +285,77 @@ mod tests {
             Arc::new(dr_core::storage::file::FileStorage::new(dir.to_path_buf())),
             "test",
         )
+    }
+
+    /// A store where the credentials may not delete (the README's agent policy for an
+    /// Object Lock bucket): everything else goes to a local directory.
+    #[derive(Debug)]
+    struct NoDelete(dr_core::storage::file::FileStorage);
+
+    #[async_trait::async_trait]
+    impl dr_core::storage::Storage for NoDelete {
+        fn location(&self) -> String {
+            self.0.location()
+        }
+        fn part_size(&self) -> usize {
+            self.0.part_size()
+        }
+        async fn put(&self, key: &str, data: Bytes) -> Result<(), StorageError> {
+            self.0.put(key, data).await
+        }
+        async fn put_if_absent(&self, key: &str, data: Bytes) -> Result<bool, StorageError> {
+            self.0.put_if_absent(key, data).await
+        }
+        async fn get(&self, key: &str) -> Result<Bytes, StorageError> {
+            self.0.get(key).await
+        }
+        async fn open_read(
+            &self,
+            key: &str,
+        ) -> Result<Box<dyn tokio::io::AsyncRead + Send + Unpin>, StorageError> {
+            self.0.open_read(key).await
+        }
+        async fn list(
+            &self,
+            prefix: &str,
+        ) -> Result<Vec<dr_core::storage::ObjectInfo>, StorageError> {
+            self.0.list(prefix).await
+        }
+        async fn delete(&self, key: &str) -> Result<(), StorageError> {
+            Err(StorageError::Failed {
+                op: "delete",
+                key: key.to_string(),
+                location: self.location(),
+                message: "AccessDenied: not authorized to perform s3:DeleteObject".into(),
+            })
+        }
+        async fn start_upload(
+            &self,
+            key: &str,
+        ) -> Result<Box<dyn dr_core::storage::Upload>, StorageError> {
+            self.0.start_upload(key).await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_released_lock_is_free_when_the_store_refuses_deletes() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::new(
+            Arc::new(NoDelete(dr_core::storage::file::FileStorage::new(
+                dir.path().to_path_buf(),
+            ))),
+            "test",
+        );
+        let first = match acquire(&repo, "app", "agent-1", "agent").await.unwrap() {
+            Acquired::Yes(g) => g,
+            Acquired::HeldBy(l) => panic!("free lock held by {l}"),
+        };
+        first.release().await;
+        // The pruner (another role, another process) must not wait out the lease.
+        match acquire(&repo, "app", "pruner", "prune").await.unwrap() {
+            Acquired::Yes(g) => g.release().await,
+            Acquired::HeldBy(l) => panic!("a released lock is still held by {l}"),
+        }
     }
 
     #[tokio::test]
