@@ -1,7 +1,7 @@
 //! End-to-end tests of `[[directories]]`: trees of files backed up like databases.
 //!
-//! What they prove: a tree (nested directories, modes, mtimes, symlinks, an empty file, long
-//! and non-ASCII names, a large file) round-trips through `dr backup --directory` and
+//! What they prove: a tree (nested directories, modes, mtimes, symlinks, an empty file, an
+//! empty directory, long and non-ASCII names, a large file; a 1 GiB file) round-trips through `dr backup --directory` and
 //! `dr restore --directory` equal entry for entry, on file:// and S3; the stock tools alone
 //! (`age -d | zstd -d | tar -x`) restore it too; a non-empty output is refused without
 //! --force; a file that changes while it is read is reported; database listings ignore
@@ -34,6 +34,9 @@ fn make_tree(root: &Path) {
     fs::write(root.join("top.txt"), "top\n").unwrap();
     fs::write(deep.join("deep.bin"), vec![7u8; 70_000]).unwrap();
     fs::write(root.join("empty"), b"").unwrap();
+    let empty_dir = root.join("a/empty dir");
+    fs::create_dir(&empty_dir).unwrap();
+    fs::set_permissions(&empty_dir, fs::Permissions::from_mode(0o711)).unwrap();
     fs::write(root.join("a/naïve résumé.txt"), "unicode\n").unwrap();
     let long = "x".repeat(120);
     fs::write(root.join("a/b").join(&long), "long name\n").unwrap();
@@ -70,8 +73,7 @@ fn snapshot(root: &Path) -> BTreeMap<String, String> {
                 stack.push(path.clone());
                 format!("dir {:o}", meta.permissions().mode() & 0o7777)
             } else {
-                use sha2::Digest;
-                let digest = hex::encode(sha2::Sha256::digest(fs::read(&path).unwrap()));
+                let digest = file_sha256(&path);
                 format!(
                     "file {:o} {} {digest}",
                     meta.permissions().mode() & 0o7777,
@@ -82,6 +84,21 @@ fn snapshot(root: &Path) -> BTreeMap<String, String> {
         }
     }
     out
+}
+
+fn file_sha256(path: &Path) -> String {
+    use sha2::Digest;
+    use std::io::Read;
+    let mut file = fs::File::open(path).unwrap();
+    let mut hasher = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).unwrap();
+        if n == 0 {
+            break hex::encode(hasher.finalize());
+        }
+        hasher.update(&buf[..n]);
+    }
 }
 
 struct Bed {
@@ -195,6 +212,42 @@ fn a_tree_round_trips_entry_for_entry_and_the_stock_tools_restore_it() {
     let list = dr().args(["list"]).run();
     list.assert_success();
     assert!(!list.stderr.contains("unreadable"), "{}", list.stderr);
+}
+
+#[test]
+fn a_one_gib_file_round_trips() {
+    let bed = Bed::new(|dir| Storage::File(dir.join("repo")));
+    // Sparse, with distinct bytes at both ends and across the 4 GiB-of-bits boundary of
+    // a 32-bit byte count (512 MiB), so a truncated or shifted copy cannot match.
+    let big = bed.source.join("a/one-gib.img");
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = fs::File::create(&big).unwrap();
+        for (at, byte) in [(0u64, 1u8), (512 << 20, 2), ((1 << 30) - (1 << 20), 3)] {
+            f.seek(SeekFrom::Start(at)).unwrap();
+            f.write_all(&vec![byte; 1 << 20]).unwrap();
+        }
+        assert_eq!(f.metadata().unwrap().len(), 1 << 30);
+    }
+    let dr = || Dr::new(&bed.config);
+    let out = dr()
+        .args(["backup", "--directory", "uploads", "--json"])
+        .run();
+    out.assert_success();
+    let manifest = json(&out);
+    assert_eq!(manifest["files"], 8, "{manifest:#}");
+    assert!(
+        manifest["bytes"].as_u64().unwrap() > 1 << 30,
+        "{manifest:#}"
+    );
+    let want = snapshot(&bed.source);
+    let restored = bed.tmp.path().join("restored");
+    bed.restore(dr(), &restored).assert_success();
+    assert_eq!(
+        fs::metadata(restored.join("a/one-gib.img")).unwrap().len(),
+        1 << 30
+    );
+    assert_eq!(snapshot(&restored), want);
 }
 
 #[test]
