@@ -545,6 +545,13 @@ fn agent_captures_segments_confirms_only_what_is_stored_and_alerts_on_risk() {
         hook.events(),
         agent.log()
     );
+    // The gauge DrContinuousSlotRetention alerts on says so too.
+    let gauge = metric("dr_continuous_slot_retained_bytes").unwrap_or(0.0);
+    assert!(
+        gauge > 4.0 * 1024.0 * 1024.0,
+        "dr_continuous_slot_retained_bytes = {gauge} with the alert raised:\n{}",
+        agent.metrics()
+    );
     assert_eq!(
         confirmed(),
         held,

@@ -14,6 +14,7 @@ use std::time::Duration;
 use dr_tests::{
     create_seeded, database_toml, encryption_toml, free_port, metric_value, table_hashes,
     wait_until, write_config, Agent, BedBase, Dr, DrOutput, Garage, Seaweed, Storage,
+    WebhookReceiver,
 };
 use serde_json::Value;
 
@@ -98,10 +99,15 @@ fn a_copy_that_was_down_catches_up_by_itself_byte_for_byte() {
     let mut garage = Garage::start();
     let copy = second_bucket(&garage, "dr-copy");
     let port = free_port();
+    let hook = WebhookReceiver::start();
+    // An RPO the outage below outlasts: the copy must alert on its own.
     let body = encryption_toml(&[&base.keys.recipient], Some(&base.keys.identity))
-        + &database_toml(DB, &base.cluster.url(DB), None)
+        + &database_toml(DB, &base.cluster.url(DB), None).replace("rpo = \"26h\"", "rpo = \"20s\"")
         + &copy_toml("offsite", &copy)
-        + &format!("[agent]\nlisten = \"127.0.0.1:{port}\"\n");
+        + &format!(
+            "[agent]\nlisten = \"127.0.0.1:{port}\"\n\n[[notify]]\nurl = \"{}\"\n",
+            hook.url("/hook")
+        );
     let config = write_config(base.dir(), &base.storage, &body);
     let env = garage.env();
     let password = base.cluster.password().to_string();
@@ -140,8 +146,36 @@ fn a_copy_that_was_down_catches_up_by_itself_byte_for_byte() {
     });
     assert!(failing, "{}", agent.metrics());
     assert_eq!(listed(Dr::new(&config), "primary"), ids);
+    // The copy falls behind the objective while the primary has fresh backups: a breach
+    // naming the copy, and its RPO gauge past the objective.
+    let copy_events = |event: &str| {
+        hook.json_bodies()
+            .into_iter()
+            .filter(|b| {
+                b["event"] == event
+                    && b["message"]
+                        .as_str()
+                        .is_some_and(|m| m.contains("copy `offsite`"))
+            })
+            .count()
+    };
+    let breached = wait_until(Duration::from_secs(60), || copy_events("rpo_breach") == 1);
+    assert!(
+        breached,
+        "no rpo_breach for the copy: {:?}\n{}",
+        hook.events(),
+        agent.log()
+    );
+    let behind = metric_value(&agent.metrics(), "dr_rpo_seconds", &labels);
+    assert!(behind.is_some_and(|r| r > 20.0), "{}", agent.metrics());
 
     garage.restart();
+    // A fresh backup, so the caught-up copy is within its objective again.
+    ids.push(
+        dr().args(["backup", "--database", DB])
+            .run()
+            .assert_one_backup_id(),
+    );
     let caught_up = wait_until(Duration::from_secs(60), || listed(dr(), "offsite") == ids);
     assert!(caught_up, "the copy did not catch up:\n{}", agent.log());
     let rpo = metric_value(
@@ -150,6 +184,16 @@ fn a_copy_that_was_down_catches_up_by_itself_byte_for_byte() {
         &[("database", DB), ("repository", "offsite")],
     );
     assert!(rpo.is_some_and(|r| r < 120.0), "{}", agent.metrics());
+    let recovered = wait_until(Duration::from_secs(30), || {
+        copy_events("rpo_recovered") == 1
+    });
+    assert!(
+        recovered,
+        "no rpo_recovered for the copy: {:?}\n{}",
+        hook.events(),
+        agent.log()
+    );
+    assert_eq!(copy_events("rpo_breach"), 1, "{:?}", hook.events());
     drop(agent);
 
     // Byte for byte: every object and manifest of the copy equals the primary's.
