@@ -17,7 +17,8 @@
 #
 # Environment: SIZE_GB (default 1, fractions allowed), RUNS (default 5), BUILD (default 1;
 # 0 uses the existing target/release/dr), DOUBLE (default 1 when SIZE_GB >= 1, else 0),
-# KEEP=1 keeps the temporary directory (the database is still stopped), TMPDIR (where the
+# DOMINANT=1 (one table holds about 80 % of the data: the split cannot help), KEEP=1 keeps
+# the temporary directory (the database is still stopped), TMPDIR (where the
 # cluster, dumps and repository go: needs about 3 × SIZE_GB free, 5 × with DOUBLE=1).
 set -euo pipefail
 
@@ -137,12 +138,12 @@ report() {
     dr_rss_med=$rc
     dr_rss_max=$(kib_to_mib "$(col dr 2 | max)")
     cat <<EOF
-## $(date -u '+%Y-%m-%d %H:%M UTC') — backup.sh, SIZE_GB=$SIZE_GB, RUNS=$RUNS
+## $(date -u '+%Y-%m-%d %H:%M UTC') — backup.sh, SIZE_GB=$SIZE_GB, RUNS=$RUNS, DOMINANT=${DOMINANT:-0}
 
 - machine: $(machine)
 - pg_dump: $("$pg_bin/pg_dump" --version)
 - dr commit: $(dr_commit)
-- database: pg_database_size $(human "$db_bytes"), \`pg_dump -Fc -Z0\` $(human "$raw_bytes")
+- database: pg_database_size $(human "$db_bytes"), \`pg_dump -Fc -Z0\` $(human "$raw_bytes"); largest table $(largest_share) % of it
 - load average (1/5/15 min) before the rounds: $load_before; after: $load_after
 
 | command | median wall | × pg_dump | median peak RSS | stored |

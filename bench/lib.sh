@@ -100,6 +100,12 @@ start_postgres() {
 
 psql_bench() { "$pg_bin/psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$port" -U postgres -d bench "$@"; }
 db_size() { psql_bench -At -c "select pg_database_size('bench')"; }
+# The largest table's share of the database, in percent (DOMINANT=1 makes it about 80).
+largest_share() {
+    psql_bench -At -c "select round(100.0 * max(pg_total_relation_size(c.oid)) / pg_database_size('bench'))
+        from pg_class c join pg_namespace n on n.oid = c.relnamespace
+        where c.relkind = 'r' and n.nspname = 'public'"
+}
 
 # ---------------------------------------------------------------------------------------------
 # A throwaway single-node Garage S3 server in $tmp/garage (as tests/src/garage.rs sets it up),
@@ -228,10 +234,12 @@ create index on events (kind);
 SQL
 }
 
-# Adds units first+1 .. first+n.
+# Adds units first+1 .. first+n. DOMINANT=1 gives every unit 16 times as many attachments,
+# so that one table holds about 80 % of the data (the case a split by table cannot help).
 insert_units() {
-    local first=$1 n=$2
-    psql_bench -v first="$first" -v n="$n" <<'SQL'
+    local first=$1 n=$2 per10=1
+    if [ "${DOMINANT:-0}" = 1 ]; then per10=16; fi
+    psql_bench -v first="$first" -v n="$n" -v per10="$per10" <<'SQL'
 begin;
 insert into customers
 select g,
@@ -268,9 +276,9 @@ from generate_series(4 * :first + 1, 4 * (:first + :n)) e;
 -- 512 md5s decoded = 8 KiB of random bytes. Referring to a makes the subquery run per row
 -- (not once for all), and to i keeps string_agg an aggregate of the subquery.
 insert into attachments
-select a, a * 10, 'scan-' || a || '.bin',
+select a, a * 10 / :per10, 'scan-' || a || '.bin',
        (select decode(string_agg(md5(random()::text || i || a), ''), 'hex') from generate_series(1, 512) i)
-from generate_series(:first / 10 + 1, (:first + :n) / 10) a;
+from generate_series(:first * :per10 / 10 + 1, (:first + :n) * :per10 / 10) a;
 commit;
 SQL
 }

@@ -23,7 +23,8 @@
 #   SIZE_GB=1 RUNS=3 bench/restore.sh
 #
 # Environment: SIZE_GB (default 1, fractions allowed), RUNS (default 5), JOBS (default nproc),
-# DUMP_JOBS (the split backup's data archives, default 2),
+# DUMP_JOBS (the split backup's data archives, default 2), DOMINANT=1 (one table holds about
+# 80 % of the data),
 # BUILD (default 1; 0 uses the existing target/release/dr), KEEP=1 keeps the temporary
 # directory, TMPDIR (where the cluster, Garage's data, the archives and dr's staging file go:
 # needs about 5 × SIZE_GB free), DR_GARAGE_BIN (default ~/.cache/dr-tests/garage/bin/garage).
@@ -238,12 +239,12 @@ report() {
     restore=$(two "$(col drstages 3 | median)")
     total=$(two "$(col drstages 4 | median)")
     cat <<EOF
-## $(date -u '+%Y-%m-%d %H:%M UTC') — restore.sh, SIZE_GB=$SIZE_GB, RUNS=$RUNS, JOBS=$JOBS
+## $(date -u '+%Y-%m-%d %H:%M UTC') — restore.sh, SIZE_GB=$SIZE_GB, RUNS=$RUNS, DOMINANT=${DOMINANT:-0}, JOBS=$JOBS
 
 - machine: $(machine)
 - pg_restore: $("$pg_bin/pg_restore" --version); age $(tool_version age --version); zstd $(zstd -V | grep -o 'v[0-9.]*' | head -n 1); Garage $("$garage_bin" --version 2>/dev/null | awk '{ print $2 }'); curl $(curl --version | awk 'NR == 1 { print $2 }')
 - dr commit: $(dr_commit)
-- database: pg_database_size $(human "$db_bytes"); archive (\`dr restore --output\`, decoded) $(human "$raw_archive_bytes"); stored in Garage (zstd + age) $(human "$stored_bytes")
+- database: pg_database_size $(human "$db_bytes"); archive (\`dr restore --output\`, decoded) $(human "$raw_archive_bytes"); stored in Garage (zstd + age) $(human "$stored_bytes"); largest table $(largest_share) % of it
 - split backup: $split_archives data archives (dump_jobs = $DUMP_JOBS), stored $(human "$split_stored_bytes")
 - unmeasured preparation: \`dr backup\` into Garage ${backup_seconds} s (one archive), ${split_backup_seconds} s (split); \`dr restore --output local.dump\` from Garage ${output_seconds} s; curl download of the stored object ${download_seconds} s
 - load average (1/5/15 min) before the rounds: $load_before; after: $load_after
