@@ -561,6 +561,18 @@ fn a_copy_holds_directory_backups_and_prunes_them_by_its_own_keep() {
         count(&cold),
         agent.log()
     );
+    // The copy's RPO is tracked like the primary's.
+    let rpo = |repository: &str| {
+        dr_tests::metric_value(
+            &agent.metrics(),
+            "dr_rpo_seconds",
+            &[("database", "uploads"), ("repository", repository)],
+        )
+    };
+    let tracked = dr_tests::wait_until(std::time::Duration::from_secs(20), || {
+        rpo("cold").is_some_and(|r| r < 60.0) && rpo("primary").is_some_and(|r| r < 60.0)
+    });
+    assert!(tracked, "{}", agent.metrics());
     // The copy restores the tree.
     drop(agent);
     let restored = bed.tmp.path().join("restored");

@@ -10,7 +10,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use dr_core::config::NotifyEvent;
 use dr_core::repo::Repository;
 use jiff::Timestamp;
 use tokio_util::sync::CancellationToken;
@@ -170,57 +169,28 @@ async fn pass(
 }
 
 /// Sets the copy's RPO gauges and notifies a breach or recovery once each, like the
-/// primary's (`update_rpo`).
+/// primary's. A unit the primary holds no backup of yet is the primary's alert, not the
+/// copy's.
 fn rpo(shared: &Shared, name: &str, newest: &HashMap<String, Timestamp>) {
     let now = Timestamp::now();
-    for db in &shared.config.databases {
-        let database = db.name.as_str();
-        let age = newest
-            .get(database)
-            .map(|t| now.as_second() - t.as_second());
-        if let Some(age) = age {
-            shared
-                .metrics
-                .rpo
-                .get_or_create(&db_repo(shared.environment(), database, name))
-                .set(age as f64);
-        }
-        let Some(objective) = db.rpo.as_ref().map(|r| r.seconds_at(now)) else {
+    let primary = shared.last_success.lock().expect("last success").clone();
+    let config = &shared.config;
+    let units = config
+        .databases
+        .iter()
+        .map(|d| (d.name.as_str(), d.rpo.as_ref()))
+        .chain(
+            config
+                .directories
+                .iter()
+                .map(|d| (d.name.as_str(), d.rpo.as_ref())),
+        );
+    for (unit, objective) in units {
+        let age = newest.get(unit).map(|t| now.as_second() - t.as_second());
+        if age.is_none() && !primary.contains_key(unit) {
             continue;
-        };
-        let breach = age.is_none_or(|a| a > objective);
-        let key = format!("{database}@{name}");
-        let message = |what: &str| {
-            match age {
-            Some(a) => format!(
-                "{what} in copy `{name}`: its newest backup is {a} s old, objective {objective} s"
-            ),
-            None => format!("{what} in copy `{name}`: it holds no backup yet (or cannot be reached), objective {objective} s"),
         }
-        };
-        let mut breached = shared.breached.lock().expect("breached");
-        if breach && breached.insert(key.clone()) {
-            tracing::error!(
-                database,
-                repository = name,
-                "RPO objective breached in a copy"
-            );
-            shared.notifier.send(shared.event(
-                NotifyEvent::RpoBreach,
-                Some(database),
-                message("RPO breach"),
-            ));
-        } else if !breach && breached.remove(&key) {
-            tracing::info!(
-                database,
-                repository = name,
-                "RPO objective met again in a copy"
-            );
-            shared.notifier.send(shared.event(
-                NotifyEvent::RpoRecovered,
-                Some(database),
-                message("RPO recovered"),
-            ));
-        }
+        let objective = objective.map(|r| r.seconds_at(now));
+        super::rpo::track(shared, unit, name, age, objective);
     }
 }

@@ -15,7 +15,7 @@ use dr_core::pipeline::Control;
 use jiff::Timestamp;
 use tokio_util::sync::CancellationToken;
 
-use super::metrics::{db as db_labels, db_repo, DbClass};
+use super::metrics::{db as db_labels, DbClass};
 use super::Shared;
 
 /// RPO gauges move this often between backups.
@@ -49,6 +49,7 @@ pub async fn directory_loop(shared: Arc<Shared>, index: usize, stop: Cancellatio
             tracing::warn!(directory = name, error = %e, "cannot read the directory's backups")
         }
     }
+    remember(&shared, name, newest);
     let tz = config.agent.timezone.0.clone();
     loop {
         let now = Timestamp::now().to_zoned(tz.clone());
@@ -58,15 +59,20 @@ pub async fn directory_loop(shared: Arc<Shared>, index: usize, stop: Cancellatio
             .filter_map(|s| s.cron.next_runs(&now, 1).into_iter().next())
             .min();
         let Some(at) = next else { return };
-        // Sleep in ticks, keeping the RPO gauge current.
+        // Sleep in ticks, keeping the RPO gauge current. No alert before the first backup:
+        // slots missed while the agent was down are not caught up, so none may be due yet.
         loop {
             if let Some(t) = newest {
-                let age = Timestamp::now().as_second() - t.as_second();
-                shared
-                    .metrics
-                    .rpo
-                    .get_or_create(&db_repo(&env, name, dr_core::config::PRIMARY))
-                    .set(age as f64);
+                let now = Timestamp::now();
+                let age = now.as_second() - t.as_second();
+                let objective = dir.rpo.as_ref().map(|r| r.seconds_at(now));
+                super::rpo::track(
+                    &shared,
+                    name,
+                    dr_core::config::PRIMARY,
+                    Some(age),
+                    objective,
+                );
             }
             let wait = at.timestamp().as_millisecond() - Timestamp::now().as_millisecond();
             if wait <= 0 {
@@ -91,6 +97,7 @@ pub async fn directory_loop(shared: Arc<Shared>, index: usize, stop: Cancellatio
         if let Some(t) = run(&shared, index, classes).await {
             newest = newest.max(Some(t));
         }
+        remember(&shared, name, newest);
     }
 }
 
@@ -168,6 +175,17 @@ async fn run(shared: &Arc<Shared>, index: usize, classes: Vec<String>) -> Option
             ));
             None
         }
+    }
+}
+
+/// The newest backup the primary holds, for the copies' RPO (`copies::rpo`).
+fn remember(shared: &Shared, name: &str, newest: Option<Timestamp>) {
+    if let Some(t) = newest {
+        shared
+            .last_success
+            .lock()
+            .expect("last success")
+            .insert(name.to_string(), t);
     }
 }
 

@@ -555,41 +555,8 @@ pub fn update_rpo(shared: &Shared) {
             continue;
         }
         let age = last.get(name).map(|t| now.as_second() - t.as_second());
-        if let Some(age) = age {
-            shared
-                .metrics
-                .rpo
-                .get_or_create(&super::metrics::db_repo(
-                    shared.environment(),
-                    name,
-                    dr_core::config::PRIMARY,
-                ))
-                .set(age as f64);
-        }
-        let Some(objective) = db.rpo.as_ref().map(|r| r.seconds_at(now)) else {
-            continue;
-        };
-        let breach = age.is_none_or(|a| a > objective);
-        let mut breached = shared.breached.lock().expect("breached");
-        let message = |what: &str| match age {
-            Some(a) => format!("{what}: newest backup is {a} s old, objective {objective} s"),
-            None => format!("{what}: no backup yet, objective {objective} s"),
-        };
-        if breach && breached.insert(name.to_string()) {
-            tracing::error!(database = name, "RPO objective breached");
-            shared.notifier.send(shared.event(
-                NotifyEvent::RpoBreach,
-                Some(name),
-                message("RPO breach"),
-            ));
-        } else if !breach && breached.remove(name) {
-            tracing::info!(database = name, "RPO objective met again");
-            shared.notifier.send(shared.event(
-                NotifyEvent::RpoRecovered,
-                Some(name),
-                message("RPO recovered"),
-            ));
-        }
+        let objective = db.rpo.as_ref().map(|r| r.seconds_at(now));
+        super::rpo::track(shared, name, dr_core::config::PRIMARY, age, objective);
     }
 }
 

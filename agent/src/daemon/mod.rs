@@ -23,6 +23,7 @@ pub mod lock;
 pub mod metrics;
 pub mod notify;
 pub mod page;
+pub mod rpo;
 pub mod schedule;
 
 use std::collections::{BTreeSet, HashMap};
