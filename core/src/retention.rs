@@ -329,7 +329,6 @@ pub async fn prune_with(
 mod tests {
     use super::*;
     use crate::manifest::{BackupId, Compression, Encryption, FORMAT_VERSION};
-    use crate::storage::StorageError;
 
     fn db() -> DatabaseConfig {
         let text = r#"
@@ -545,67 +544,14 @@ mod tests {
         assert_eq!(keys, vec!["20261121T110000Z-bbbb"]);
     }
 
-    /// A file store that, like s3s-fs, has no ListMultipartUploads.
-    #[derive(Debug)]
-    struct NoMultipartListing(crate::storage::file::FileStorage);
-
-    #[async_trait::async_trait]
-    impl crate::storage::Storage for NoMultipartListing {
-        fn location(&self) -> String {
-            self.0.location()
-        }
-        fn part_size(&self) -> usize {
-            self.0.part_size()
-        }
-        async fn put(&self, key: &str, data: bytes::Bytes) -> Result<(), StorageError> {
-            self.0.put(key, data).await
-        }
-        async fn put_if_absent(&self, key: &str, data: bytes::Bytes) -> Result<bool, StorageError> {
-            self.0.put_if_absent(key, data).await
-        }
-        async fn get(&self, key: &str) -> Result<bytes::Bytes, StorageError> {
-            self.0.get(key).await
-        }
-        async fn open_read(
-            &self,
-            key: &str,
-        ) -> Result<Box<dyn tokio::io::AsyncRead + Send + Unpin>, StorageError> {
-            self.0.open_read(key).await
-        }
-        async fn list(
-            &self,
-            prefix: &str,
-        ) -> Result<Vec<crate::storage::ObjectInfo>, StorageError> {
-            self.0.list(prefix).await
-        }
-        async fn delete(&self, key: &str) -> Result<(), StorageError> {
-            self.0.delete(key).await
-        }
-        async fn pending_uploads(
-            &self,
-            prefix: &str,
-        ) -> Result<Vec<crate::storage::PendingUpload>, StorageError> {
-            Err(StorageError::Unsupported {
-                op: "list uploads under",
-                key: prefix.to_string(),
-                location: self.location(),
-                message: "NotImplemented".into(),
-            })
-        }
-        async fn start_upload(
-            &self,
-            key: &str,
-        ) -> Result<Box<dyn crate::storage::Upload>, StorageError> {
-            self.0.start_upload(key).await
-        }
-    }
-
     #[tokio::test]
     async fn prune_goes_on_when_the_store_cannot_list_uploads() {
         let dir = tempfile::tempdir().unwrap();
-        let store = NoMultipartListing(crate::storage::file::FileStorage::new(
-            dir.path().to_path_buf(),
-        ));
+        // Like s3s-fs: no ListMultipartUploads.
+        let store = crate::storage::refusing::Refusing {
+            inner: crate::storage::file::FileStorage::new(dir.path().to_path_buf()),
+            refused: crate::storage::refusing::Refused::PendingUploads,
+        };
         let repo = crate::repo::Repository::new(std::sync::Arc::new(store), "e");
         let old = backup("2026-09-01T03:00:00Z", &["daily"]);
         let newest = backup("2026-11-22T03:00:00Z", &["daily"]);

@@ -278,6 +278,7 @@ impl fmt::Debug for LockGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use dr_core::storage::refusing::{Refused, Refusing};
     use std::sync::Arc;
 
     fn repo(dir: &std::path::Path) -> Repository {
@@ -287,65 +288,15 @@ mod tests {
         )
     }
 
-    /// A store where the credentials may not delete (the README's agent policy for an
-    /// Object Lock bucket): everything else goes to a local directory.
-    #[derive(Debug)]
-    struct NoDelete(dr_core::storage::file::FileStorage);
-
-    #[async_trait::async_trait]
-    impl dr_core::storage::Storage for NoDelete {
-        fn location(&self) -> String {
-            self.0.location()
-        }
-        fn part_size(&self) -> usize {
-            self.0.part_size()
-        }
-        async fn put(&self, key: &str, data: Bytes) -> Result<(), StorageError> {
-            self.0.put(key, data).await
-        }
-        async fn put_if_absent(&self, key: &str, data: Bytes) -> Result<bool, StorageError> {
-            self.0.put_if_absent(key, data).await
-        }
-        async fn get(&self, key: &str) -> Result<Bytes, StorageError> {
-            self.0.get(key).await
-        }
-        async fn open_read(
-            &self,
-            key: &str,
-        ) -> Result<Box<dyn tokio::io::AsyncRead + Send + Unpin>, StorageError> {
-            self.0.open_read(key).await
-        }
-        async fn list(
-            &self,
-            prefix: &str,
-        ) -> Result<Vec<dr_core::storage::ObjectInfo>, StorageError> {
-            self.0.list(prefix).await
-        }
-        async fn delete(&self, key: &str) -> Result<(), StorageError> {
-            Err(StorageError::Failed {
-                op: "delete",
-                key: key.to_string(),
-                location: self.location(),
-                message: "AccessDenied: not authorized to perform s3:DeleteObject".into(),
-            })
-        }
-        async fn start_upload(
-            &self,
-            key: &str,
-        ) -> Result<Box<dyn dr_core::storage::Upload>, StorageError> {
-            self.0.start_upload(key).await
-        }
-    }
-
     #[tokio::test]
     async fn a_released_lock_is_free_when_the_store_refuses_deletes() {
         let dir = tempfile::tempdir().unwrap();
-        let repo = Repository::new(
-            Arc::new(NoDelete(dr_core::storage::file::FileStorage::new(
-                dir.path().to_path_buf(),
-            ))),
-            "test",
-        );
+        // Credentials without delete: the README's agent policy for an Object Lock bucket.
+        let store = Refusing {
+            inner: dr_core::storage::file::FileStorage::new(dir.path().to_path_buf()),
+            refused: Refused::Delete,
+        };
+        let repo = Repository::new(Arc::new(store), "test");
         let first = match acquire(&repo, "app", "agent-1", "agent").await.unwrap() {
             Acquired::Yes(g) => g,
             Acquired::HeldBy(l) => panic!("free lock held by {l}"),

@@ -3,6 +3,8 @@
 //! (the directory, or the bucket prefix) and always use `/`.
 
 pub mod file;
+#[cfg(any(test, feature = "testing"))]
+pub mod refusing;
 pub mod s3;
 
 use std::fmt;
