@@ -133,6 +133,15 @@ impl Bed {
         }
     }
 
+    /// `dr backup --directory uploads`, which must succeed: its manifest.
+    fn backup(&self) -> Value {
+        let out = Dr::new(&self.config)
+            .args(["backup", "--directory", "uploads", "--json"])
+            .run();
+        out.assert_success();
+        json(&out)
+    }
+
     fn restore(&self, dr: Dr, output: &Path) -> DrOutput {
         dr.args(["restore", "--directory", "uploads", "--json", "--output"])
             .arg(output)
@@ -146,11 +155,7 @@ impl Bed {
 fn a_tree_round_trips_entry_for_entry_and_the_stock_tools_restore_it() {
     let bed = Bed::new(|dir| Storage::File(dir.join("repo")));
     let dr = || Dr::new(&bed.config);
-    let out = dr()
-        .args(["backup", "--directory", "uploads", "--json"])
-        .run();
-    out.assert_success();
-    let manifest = json(&out);
+    let manifest = bed.backup();
     assert_eq!(manifest["kind"], "directory");
     assert_eq!(manifest["files"], 7, "{manifest:#}");
     assert_eq!(manifest["symlinks"], 2, "{manifest:#}");
@@ -230,11 +235,7 @@ fn a_one_gib_file_round_trips() {
         assert_eq!(f.metadata().unwrap().len(), 1 << 30);
     }
     let dr = || Dr::new(&bed.config);
-    let out = dr()
-        .args(["backup", "--directory", "uploads", "--json"])
-        .run();
-    out.assert_success();
-    let manifest = json(&out);
+    let manifest = bed.backup();
     assert_eq!(manifest["files"], 8, "{manifest:#}");
     assert!(
         manifest["bytes"].as_u64().unwrap() > 1 << 30,
@@ -353,14 +354,38 @@ fn the_agent_backs_up_a_directory_on_its_schedule_and_prunes_it() {
 }
 
 #[test]
+fn a_directory_past_its_rpo_alerts_once() {
+    let bed = Bed::new(|dir| Storage::File(dir.join("repo")));
+    let port = dr_tests::free_port();
+    let hook = dr_tests::WebhookReceiver::start();
+    // One backup now, the next not before 03:00, and an objective of 3 s.
+    let text = fs::read_to_string(&bed.config)
+        .unwrap()
+        .replace("name = \"uploads\"\n", "name = \"uploads\"\nrpo = \"3s\"\n")
+        + &format!(
+            "\n[agent]\nlisten = \"127.0.0.1:{port}\"\n\n[[notify]]\nurl = \"{}\"\n",
+            hook.url("/hook")
+        );
+    fs::write(&bed.config, text).unwrap();
+    bed.backup();
+    let agent = dr_tests::Agent::start(Dr::new(&bed.config), port);
+    let breaches = || {
+        hook.json_bodies()
+            .into_iter()
+            .filter(|b| b["event"] == "rpo_breach" && b["database"] == "uploads")
+            .count()
+    };
+    let alerted = dr_tests::wait_until(std::time::Duration::from_secs(30), || breaches() == 1);
+    assert!(alerted, "{:?}\n{}", hook.events(), agent.log());
+    std::thread::sleep(std::time::Duration::from_secs(6));
+    assert_eq!(breaches(), 1, "{:?}", hook.events());
+}
+
+#[test]
 fn a_directory_drill_proves_the_tree_and_fails_on_a_damaged_backup() {
     let bed = Bed::new(|dir| Storage::File(dir.join("repo")));
     let dr = || Dr::new(&bed.config);
-    let out = dr()
-        .args(["backup", "--directory", "uploads", "--json"])
-        .run();
-    out.assert_success();
-    let id = json(&out)["id"].as_str().unwrap().to_string();
+    let id = bed.backup()["id"].as_str().unwrap().to_string();
     let drill = dr()
         .args(["drill", "--directory", "uploads", "--json"])
         .run();

@@ -35,21 +35,18 @@ pub async fn directory_loop(shared: Arc<Shared>, index: usize, stop: Cancellatio
             .set(rpo.seconds_at(Timestamp::now()) as f64);
     }
     let _ = shared.metrics.failures.get_or_create(&labels);
-    let mut newest: Option<Timestamp> = None;
     match dr_directories::list(&shared.repo, name).await {
         Ok(backups) => {
             for m in &backups {
                 for class in &m.classes {
                     last_success(&shared, name, class, m.started_at);
                 }
-                newest = newest.max(Some(m.started_at));
             }
         }
         Err(e) => {
             tracing::warn!(directory = name, error = %e, "cannot read the directory's backups")
         }
     }
-    remember(&shared, name, newest);
     let tz = config.agent.timezone.0.clone();
     loop {
         let now = Timestamp::now().to_zoned(tz.clone());
@@ -62,6 +59,12 @@ pub async fn directory_loop(shared: Arc<Shared>, index: usize, stop: Cancellatio
         // Sleep in ticks, keeping the RPO gauge current. No alert before the first backup:
         // slots missed while the agent was down are not caught up, so none may be due yet.
         loop {
+            let newest = shared
+                .last_success
+                .lock()
+                .expect("last success")
+                .get(name)
+                .copied();
             if let Some(t) = newest {
                 let now = Timestamp::now();
                 let age = now.as_second() - t.as_second();
@@ -94,16 +97,12 @@ pub async fn directory_loop(shared: Arc<Shared>, index: usize, stop: Cancellatio
             })
             .map(|s| s.class.to_string())
             .collect();
-        if let Some(t) = run(&shared, index, classes).await {
-            newest = newest.max(Some(t));
-        }
-        remember(&shared, name, newest);
+        run(&shared, index, classes).await;
     }
 }
 
-/// One scheduled backup of the directory, then retention; returns its start when it
-/// succeeded.
-async fn run(shared: &Arc<Shared>, index: usize, classes: Vec<String>) -> Option<Timestamp> {
+/// One scheduled backup of the directory, then retention.
+async fn run(shared: &Arc<Shared>, index: usize, classes: Vec<String>) {
     let config = &shared.config;
     let dir = &config.directories[index];
     let name = dir.name.as_str();
@@ -115,10 +114,12 @@ async fn run(shared: &Arc<Shared>, index: usize, classes: Vec<String>) -> Option
                 directory = name,
                 "no [encryption] recipients; cannot back up"
             );
-            return None;
+            return;
         }
     };
-    let _permit = shared.jobs.acquire().await.ok()?;
+    let Ok(_permit) = shared.jobs.acquire().await else {
+        return;
+    };
     let control = Control {
         cancel: shared.abort.child_token(),
         progress: Default::default(),
@@ -159,11 +160,9 @@ async fn run(shared: &Arc<Shared>, index: usize, classes: Vec<String>) -> Option
                     tracing::warn!(directory = name, error = %e, "prune failed; backups go on")
                 }
             }
-            Some(m.started_at)
         }
         Err(e) if control.cancel.is_cancelled() => {
             tracing::info!(directory = name, error = %e, "directory backup stopped by shutdown");
-            None
         }
         Err(e) => {
             tracing::error!(directory = name, error = %e, "directory backup failed");
@@ -173,23 +172,17 @@ async fn run(shared: &Arc<Shared>, index: usize, classes: Vec<String>) -> Option
                 Some(name),
                 format!("backup of directory `{name}` failed: {e}"),
             ));
-            None
         }
     }
 }
 
-/// The newest backup the primary holds, for the copies' RPO (`copies::rpo`).
-fn remember(shared: &Shared, name: &str, newest: Option<Timestamp>) {
-    if let Some(t) = newest {
-        shared
-            .last_success
-            .lock()
-            .expect("last success")
-            .insert(name.to_string(), t);
-    }
-}
-
+/// Records a backup of `class`: its metric, and the newest backup the primary holds, which
+/// the directory's RPO and the copies' (`copies::rpo`) are measured from.
 fn last_success(shared: &Shared, name: &str, class: &str, at: Timestamp) {
+    let mut last = shared.last_success.lock().expect("last success");
+    let newest = last.entry(name.to_string()).or_insert(at);
+    *newest = (*newest).max(at);
+    drop(last);
     shared
         .metrics
         .last_success

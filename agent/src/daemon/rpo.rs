@@ -47,30 +47,14 @@ pub fn track(
     };
     let mut breached = shared.breached.lock().expect("breached");
     if breach && breached.insert(key.clone()) {
-        if primary {
-            tracing::error!(database = unit, "RPO objective breached");
-        } else {
-            tracing::error!(
-                database = unit,
-                repository,
-                "RPO objective breached in a copy"
-            );
-        }
+        tracing::error!(database = unit, repository, "RPO objective breached");
         shared.notifier.send(shared.event(
             NotifyEvent::RpoBreach,
             Some(unit),
             message("RPO breach"),
         ));
     } else if !breach && breached.remove(&key) {
-        if primary {
-            tracing::info!(database = unit, "RPO objective met again");
-        } else {
-            tracing::info!(
-                database = unit,
-                repository,
-                "RPO objective met again in a copy"
-            );
-        }
+        tracing::info!(database = unit, repository, "RPO objective met again");
         shared.notifier.send(shared.event(
             NotifyEvent::RpoRecovered,
             Some(unit),
