@@ -456,11 +456,7 @@ main() {
     stop_agent
     load_after=$(loadavg)
 
-    report >"$tmp/report.md"
-    echo
-    cat "$tmp/report.md"
-    echo
-    append_results "$tmp/report.md"
+    publish_report
 }
 
 main "$@"

@@ -207,11 +207,7 @@ main() {
         run_dr dr2x
     fi
 
-    report >"$tmp/report.md"
-    echo
-    cat "$tmp/report.md"
-    echo
-    append_results "$tmp/report.md"
+    publish_report
 }
 
 main "$@"

@@ -117,11 +117,7 @@ copy_config() {
     cat >"$tmp/copy.toml" <<TOML
 environment = "bench"
 
-[storage]
-url = "s3://$s3_bucket/bench"
-endpoint = "http://127.0.0.1:$s3_port"
-region = "garage"
-path_style = true
+$(garage_storage_toml)
 
 [encryption]
 recipients = ["$recipient"]
@@ -236,11 +232,7 @@ main() {
     run_tree_rounds large
     if [ "$COPY" = 1 ]; then run_copies; fi
     load_after=$(loadavg)
-    report >"$tmp/report.md"
-    echo
-    cat "$tmp/report.md"
-    echo
-    append_results "$tmp/report.md"
+    publish_report
 }
 
 main "$@"

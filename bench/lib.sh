@@ -356,6 +356,26 @@ dr_commit() {
 
 pass() { awk -v x="$1" -v lim="$2" 'BEGIN { print (x <= lim) ? "PASS" : "FAIL" }'; }
 
+# The [storage] section for the Garage started by start_garage.
+garage_storage_toml() {
+    cat <<TOML
+[storage]
+url = "s3://$s3_bucket/bench"
+endpoint = "http://127.0.0.1:$s3_port"
+region = "garage"
+path_style = true
+TOML
+}
+
+# Prints the script's `report` and appends it to RESULTS.md.
+publish_report() {
+    report >"$tmp/report.md"
+    echo
+    cat "$tmp/report.md"
+    echo
+    append_results "$tmp/report.md"
+}
+
 append_results() {
     local file="$root/bench/RESULTS.md"
     if [ ! -f "$file" ]; then

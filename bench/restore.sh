@@ -70,11 +70,7 @@ setup_dr() {
     cat >"$config" <<TOML
 environment = "bench"
 
-[storage]
-url = "s3://$s3_bucket/bench"
-endpoint = "http://127.0.0.1:$s3_port"
-region = "garage"
-path_style = true
+$(garage_storage_toml)
 
 [encryption]
 recipients = ["$recipient"]
@@ -302,11 +298,7 @@ main() {
     run_rounds
     load_after=$(loadavg)
 
-    report >"$tmp/report.md"
-    echo
-    cat "$tmp/report.md"
-    echo
-    append_results "$tmp/report.md"
+    publish_report
 }
 
 main "$@"
