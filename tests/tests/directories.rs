@@ -617,3 +617,110 @@ fn a_copy_holds_directory_backups_and_prunes_them_by_its_own_keep() {
         .assert_success();
     assert_eq!(snapshot(&restored), snapshot(&bed.source));
 }
+
+#[test]
+fn dr_prune_applies_each_repositorys_keep_to_directory_backups() {
+    let bed = Bed::new(|dir| Storage::File(dir.join("repo")));
+    // The primary keeps dailies 30 days; the copy one second.
+    let cold = bed.tmp.path().join("cold");
+    let copy = format!(
+        "\n[[copies]]\nname = \"cold\"\n  [copies.storage]\n  url = \"file://{}\"\n  [copies.keep]\n  daily = \"1s\"\n",
+        cold.display()
+    );
+    fs::write(
+        &bed.config,
+        fs::read_to_string(&bed.config).unwrap() + &copy,
+    )
+    .unwrap();
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let out = Dr::new(&bed.config)
+            .args([
+                "backup",
+                "--directory",
+                "uploads",
+                "--class",
+                "daily",
+                "--json",
+            ])
+            .run();
+        out.assert_success();
+        ids.push(json(&out)["id"].as_str().unwrap().to_string());
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+    }
+    Dr::new(&bed.config)
+        .args(["copy", "--to", "cold"])
+        .run()
+        .assert_success();
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let committed = |root: &Path| -> Vec<String> {
+        let mut ids: Vec<String> = fs::read_dir(root.join("test/uploads/backups"))
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .filter(|e| e.path().join("manifest.json").exists())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        ids.sort();
+        ids
+    };
+    let primary = bed.tmp.path().join("repo");
+    assert_eq!(committed(&cold), ids, "dr copy copied every backup");
+    let prune = |args: &[&str]| {
+        let out = Dr::new(&bed.config).arg("prune").args(args).run();
+        out.assert_success();
+        out
+    };
+    // The copy by its own keep: only the newest stays there; the primary is untouched.
+    let report = json(&prune(&["--repository", "cold", "--json"]));
+    let entry = report
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["kind"] == "directory" && r["directory"] == "uploads")
+        .unwrap_or_else(|| panic!("no directory entry in {report:#}"))
+        .clone();
+    let deleted: Vec<&str> = entry["decisions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["keep"] == false)
+        .map(|d| d["backup_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(deleted, [ids[0].as_str(), ids[1].as_str()], "{entry:#}");
+    assert_eq!(committed(&cold), [ids[2].clone()]);
+    assert_eq!(committed(&primary), ids);
+    // The primary by its own keep: 30 days keeps everything.
+    prune(&["--directory", "uploads"]);
+    assert_eq!(committed(&primary), ids);
+    // Once the primary's keep is one second too, `dr prune` removes the older two, dry first.
+    fs::write(
+        &bed.config,
+        fs::read_to_string(&bed.config)
+            .unwrap()
+            .replace("keep = \"30d\"", "keep = \"1s\""),
+    )
+    .unwrap();
+    let dry = prune(&["--dry-run"]);
+    assert!(
+        dry.stdout
+            .contains(&format!("would delete {}  uploads (directory)", ids[0])),
+        "{}",
+        dry.stdout
+    );
+    assert_eq!(committed(&primary), ids, "--dry-run deleted something");
+    prune(&[]);
+    assert_eq!(committed(&primary), [ids[2].clone()]);
+    // A directory that is not configured is named as such.
+    let out = Dr::new(&bed.config)
+        .args(["prune", "--directory", "nope"])
+        .run();
+    assert!(!out.status.success());
+    assert!(
+        out.stderr
+            .contains("no `[[directories]]` entry is named `nope`"),
+        "{}",
+        out.stderr
+    );
+}

@@ -3,9 +3,9 @@
 use std::path::Path;
 use std::process::ExitCode;
 
-/// Copy every committed backup and change segment the primary holds and a copy lacks, byte
-/// for byte (no key needed), manifest last, checking each object's size and sha256 against
-/// the primary's manifest.
+/// Copy every committed backup (databases and directories) and change segment the primary
+/// holds and a copy lacks, byte for byte (no key needed), manifest last, checking each
+/// object's size and sha256 against the primary's manifest.
 ///
 /// The agent does this by itself after each backup and every `interval_seconds`; run it by
 /// hand after an outage of a copy, or to fill a new one. Exits 1 if anything could not be
@@ -20,9 +20,13 @@ pub struct Args {
     #[arg(long)]
     to: Option<String>,
 
-    /// Only this database (default: all configured databases).
-    #[arg(long, short)]
+    /// Only this database (default: every configured database and directory).
+    #[arg(long, short, conflicts_with = "directory")]
     database: Option<String>,
+
+    /// Only this `[[directories]]` tree.
+    #[arg(long, value_name = "NAME")]
+    directory: Option<String>,
 
     /// JSON for scripts: per copy, what was copied and what failed.
     #[arg(long)]
@@ -50,16 +54,32 @@ impl Args {
                 names.join(", ")
             );
         }
-        let databases: Vec<String> = config
-            .databases_named(self.database.as_deref())
-            .iter()
-            .map(|d| d.name.to_string())
-            .collect();
+        // Directory backups share the layout: they are copied the same way.
+        let dbs = config.databases.iter().map(|d| d.name.as_str());
+        let dirs = config.directories.iter().map(|d| d.name.as_str());
+        let databases: Vec<String> = match (&self.database, &self.directory) {
+            (Some(name), _) => {
+                if config.database(name).is_none() {
+                    anyhow::bail!(
+                        "no configured database is named `{name}`; configured: {}",
+                        super::names(dbs)
+                    );
+                }
+                vec![name.clone()]
+            }
+            (None, Some(name)) => {
+                if dr_directories::configured(&config, name).is_none() {
+                    anyhow::bail!(
+                        "no `[[directories]]` entry is named `{name}`; configured: {}",
+                        super::names(dirs)
+                    );
+                }
+                vec![name.clone()]
+            }
+            (None, None) => dbs.chain(dirs).map(str::to_string).collect(),
+        };
         if databases.is_empty() {
-            anyhow::bail!(
-                "no configured database matches {}",
-                self.database.as_deref().unwrap_or("(none configured)")
-            );
+            anyhow::bail!("the config has no databases and no directories to copy");
         }
         let src = super::open_repo(&config).await?;
         let mut reports = Vec::new();

@@ -77,3 +77,13 @@ pub fn cancel_on_signal(token: tokio_util::sync::CancellationToken, what: &'stat
         token.cancel();
     });
 }
+
+/// `a, b, c`, or `(none)`.
+pub fn names<'a>(names: impl Iterator<Item = &'a str>) -> String {
+    let list: Vec<&str> = names.collect();
+    if list.is_empty() {
+        "(none)".into()
+    } else {
+        list.join(", ")
+    }
+}

@@ -1,4 +1,4 @@
-//! `dr prune`: apply retention now.
+//! `dr prune`: apply retention now, to databases and directories, in any repository.
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -16,11 +16,23 @@ use crate::daemon::lock::{self, Acquired};
 /// Each database is pruned under its repository lock; one whose lock another process holds
 /// (a backup in flight) is skipped with the holder named, and the exit code is non-zero.
 /// --dry-run deletes nothing and takes no lock.
+///
+/// `[[directories]]` backups follow the same rules. With --repository a copy is pruned by
+/// its own `[copies.keep]`; the primary is not touched.
 #[derive(clap::Args)]
 pub struct Args {
-    /// Only this database (default: all configured databases).
-    #[arg(long, short)]
+    /// Only this database (default: every configured database and directory).
+    #[arg(long, short, conflicts_with = "directory")]
     database: Option<String>,
+
+    /// Only this `[[directories]]` tree.
+    #[arg(long, value_name = "NAME")]
+    directory: Option<String>,
+
+    /// Prune this repository: `primary` ([storage], the default) or a `[[copies]]` name,
+    /// by that copy's `keep`.
+    #[arg(long, value_name = "NAME")]
+    repository: Option<String>,
 
     /// List what would be deleted and why; delete nothing.
     #[arg(long)]
@@ -34,13 +46,38 @@ pub struct Args {
 impl Args {
     pub async fn run(self, config_path: &Path) -> anyhow::Result<ExitCode> {
         let config = super::load_config(config_path)?;
-        let repo = super::open_repo(&config).await?;
-        let dbs = config.databases_named(self.database.as_deref());
-        if dbs.is_empty() {
-            anyhow::bail!(
-                "no configured database matches {}",
-                self.database.as_deref().unwrap_or("(none configured)")
-            );
+        let repo = super::open_repository(&config, self.repository.as_deref()).await?;
+        let overrides = self
+            .repository
+            .as_deref()
+            .and_then(|name| config.copies.iter().find(|c| c.name.as_str() == name))
+            .map(|c| c.keep.clone())
+            .unwrap_or_default();
+        let dbs = match &self.directory {
+            Some(_) => Vec::new(),
+            None => config.databases_named(self.database.as_deref()),
+        };
+        let dirs: Vec<_> = match (&self.database, &self.directory) {
+            (Some(_), _) => Vec::new(),
+            (None, Some(name)) => match dr_directories::configured(&config, name) {
+                Some(d) => vec![d],
+                None => anyhow::bail!(
+                    "no `[[directories]]` entry is named `{name}`; configured: {}",
+                    super::names(config.directories.iter().map(|d| d.name.as_str()))
+                ),
+            },
+            (None, None) => config.directories.iter().collect(),
+        };
+        if let Some(name) = &self.database {
+            if dbs.is_empty() {
+                anyhow::bail!(
+                    "no configured database is named `{name}`; configured: {}",
+                    super::names(config.databases.iter().map(|d| d.name.as_str()))
+                );
+            }
+        }
+        if dbs.is_empty() && dirs.is_empty() {
+            anyhow::bail!("the config has no databases and no directories to prune");
         }
         let now = jiff::Timestamp::now();
         let owner = lock::new_owner();
@@ -71,8 +108,15 @@ impl Args {
                     }
                 }
             };
-            let result =
-                dr_core::retention::prune(&repo, db, now, config.job_timeout(), self.dry_run).await;
+            let result = dr_core::retention::prune_with(
+                &repo,
+                db,
+                &overrides,
+                now,
+                config.job_timeout(),
+                self.dry_run,
+            )
+            .await;
             let segments = match &result {
                 Ok(r) => {
                     crate::daemon::continuous::prune_segments(
@@ -117,15 +161,41 @@ impl Args {
                 }
             }
         }
+        // Directory backups have no leftovers to age (a crashed one is rewritten under a new
+        // id and its objects are never listed as a backup) and take no lock: their retention
+        // reads manifests only.
+        let mut dir_reports = Vec::new();
+        for dir in dirs {
+            match dr_directories::prune_with(&repo, dir, &overrides, now, self.dry_run).await {
+                Ok(decisions) => dir_reports.push((dir.name.as_str(), decisions)),
+                Err(e) => {
+                    failed = true;
+                    crate::print_error(&anyhow::Error::new(e).context(format!(
+                        "cannot prune directory `{}`; the backups it had not reached yet are kept",
+                        dir.name
+                    )));
+                }
+            }
+        }
         if self.json {
-            // One object per database; `change_segments` where continuous capture is on.
+            // One object per database (`change_segments` where continuous capture is on),
+            // then one per directory; `kind` tells them apart.
             let mut out = Vec::new();
             for r in &reports {
                 let mut v = serde_json::to_value(r)?;
+                v["kind"] = "database".into();
                 if let Some(s) = segment_reports.iter().find(|s| s.database == r.database) {
                     v["change_segments"] = serde_json::to_value(s)?;
                 }
                 out.push(v);
+            }
+            for (name, decisions) in &dir_reports {
+                out.push(serde_json::json!({
+                    "kind": "directory",
+                    "directory": name,
+                    "decisions": decisions,
+                    "dry_run": self.dry_run,
+                }));
             }
             println!("{}", serde_json::to_string_pretty(&out)?);
         } else {
@@ -180,6 +250,16 @@ impl Args {
                     eprintln!("error: {e}");
                 }
             }
+            for (name, decisions) in &dir_reports {
+                for d in decisions {
+                    println!(
+                        "{} {}  {name} (directory)  {}",
+                        if d.keep { "keep  " } else { verb },
+                        d.backup_id,
+                        d.reason
+                    );
+                }
+            }
         }
         Ok(if failed {
             ExitCode::FAILURE
@@ -188,3 +268,4 @@ impl Args {
         })
     }
 }
+
