@@ -79,7 +79,12 @@ identity_file = "$tmp/id.txt"
 [[databases]]
 name = "bench"
 url = "$db_url"
+split_min_mib = 0
 TOML
+    config1="$tmp/dr1.toml"
+    cp "$config" "$config1"
+    echo "dump_jobs = 1" >>"$config1"
+    echo "dump_jobs = $DUMP_JOBS" >>"$config"
     # The standard AWS chain: dr (and only dr) needs these, but exporting is harmless for
     # the PostgreSQL tools, age and zstd.
     export AWS_ACCESS_KEY_ID="$s3_key_id" AWS_SECRET_ACCESS_KEY="$s3_secret"
@@ -123,7 +128,7 @@ prepare() {
     log "downloading the stored object with curl (data.age, for the shell pipeline)"
     local key t0
     key=$(s3_curl "$(s3_url "/?list-type=2&prefix=bench%2F")" |
-        grep -o '<Key>[^<]*/data\.dump\.zst\.age</Key>' | sed 's/<[^>]*>//g' | tail -n 1)
+        grep -o "<Key>[^<]*/$one_id/data\\.dump\\.zst\\.age</Key>" | sed 's/<[^>]*>//g')
     [ -n "$key" ] || die "no data.dump.zst.age object in bucket $s3_bucket"
     t0=$(date +%s.%N)
     s3_curl -o "$tmp/data.age" "$(s3_url "/$key")"

@@ -348,13 +348,15 @@ async fn dump_split(
     opts: EncodeOptions,
     control: &Control,
 ) -> Result<Dumped, BackupError> {
-    // The data pipelines share the cores: zstd's workers are divided among them.
+    // The data pipelines share the cores (see split_worker_threads).
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let per_pipeline = EncodeOptions {
         level: opts.level,
-        threads: (crate::pipeline::encode::worker_threads(opts.threads, cores)
-            / data_parts.len() as u32)
-            .max(1),
+        threads: crate::pipeline::encode::split_worker_threads(
+            opts.threads,
+            cores,
+            data_parts.len(),
+        ),
     };
     let all: Vec<(split::Part, String, ObjectRole)> = std::iter::once((
         split::Part::Schema,

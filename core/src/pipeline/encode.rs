@@ -9,7 +9,7 @@ use crate::keys::Recipients;
 
 /// zstd multithreaded job size: small enough to keep memory flat and low, large enough that
 /// the per-job overhead and lost cross-job matches stay negligible.
-const ZSTD_JOB_SIZE: u32 = 2 * 1024 * 1024;
+const ZSTD_JOB_SIZE: u32 = 1024 * 1024;
 
 /// The most zstd workers `threads = 0` picks: each worker holds about three jobs' worth of
 /// buffers, and past a few workers the pipeline is bound by pg_dump, age and the upload.
@@ -30,6 +30,16 @@ pub fn worker_threads(configured: u32, cores: usize) -> u32 {
         0 => (cores.max(1) as u32).min(DEFAULT_MAX_THREADS),
         n => n,
     }
+}
+
+/// The zstd workers of each of `pipelines` concurrent streams (a split backup's data
+/// archives): twice the one-stream count, shared out. A split's archives rarely end together,
+/// and the one that runs on alone should still have the cores; a worker whose input waits is
+/// idle, so running more workers than cores while all streams flow costs little. At most
+/// 2 × [`worker_threads`] workers in all, so memory stays bounded however many archives.
+pub fn split_worker_threads(configured: u32, cores: usize, pipelines: usize) -> u32 {
+    let all = worker_threads(configured, cores);
+    (2 * all / pipelines.max(1) as u32).clamp(1, all)
 }
 
 /// zstd (with frame checksum, multithreaded) feeding age (STREAM, X25519 recipients).
@@ -119,6 +129,18 @@ mod tests {
         assert_eq!(worker_threads(0, 64), DEFAULT_MAX_THREADS);
         // An explicit setting is the operator's choice.
         assert_eq!(worker_threads(12, 64), 12);
+    }
+
+    #[test]
+    fn split_streams_share_twice_the_workers() {
+        // Two cores, two data archives: each may use both cores once the other is done.
+        assert_eq!(split_worker_threads(0, 2, 2), 2);
+        assert_eq!(split_worker_threads(0, 16, 4), 2);
+        assert_eq!(split_worker_threads(0, 16, 2), DEFAULT_MAX_THREADS);
+        // Never more per stream than one stream alone, never fewer than one.
+        assert_eq!(split_worker_threads(0, 1, 4), 1);
+        assert_eq!(split_worker_threads(3, 64, 1), 3);
+        assert_eq!(split_worker_threads(0, 16, 64), 1);
     }
 
     #[test]
