@@ -6,16 +6,17 @@
 # SIZE_GB of mixed data (the generator of backup.sh), takes two `dr backup`s into Garage (one
 # archive, `dump_jobs = 1`; and split, `dump_jobs = DUMP_JOBS`) and prepares, unmeasured, the
 # one-archive backup as a local file (`dr restore --output local.dump`) and its stored object
-# as a local file (data.age, downloaded with curl). Then it alternates RUNS rounds of, each
-# into a freshly created empty database:
+# as a local file (data.age, downloaded with curl). Then it alternates RUNS rounds of, a and
+# b into a freshly created empty database, c and d with --create into none (as in an incident:
+# a split backup streams only into a database dr creates, so it can drop it on failure):
 #   a. pg_restore -j JOBS -d DB local.dump                 the floor: a local, decoded archive
 #   b. age -d -i KEY data.age | zstd -d | pg_restore -d DB  the hand-written pipeline (1 job:
 #                                                           a pipe cannot be restored in parallel;
 #                                                           reads a local file, so no download)
-#   c. dr restore --target DB --jobs JOBS --json            the split backup from Garage:
+#   c. dr restore --target DB --create --jobs JOBS --json   the split backup from Garage:
 #                                                           schema staged, data archives streamed
 #                                                           side by side, post-data -j JOBS
-#   d. dr restore --backup ONE --jobs JOBS --json           the one-archive backup from Garage:
+#   d. dr restore --backup ONE --create --jobs JOBS --json  the one-archive backup from Garage:
 #                                                           download, verify, stage, restore
 # and prints median wall times, ratios to (a), dr's median stage breakdown and peak RSS. The
 # results are appended to bench/RESULTS.md.
@@ -49,6 +50,13 @@ psql_admin() { "$pg_bin/psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$port" -
 fresh_target() {
     psql_admin -c "set client_min_messages = warning" -c "drop database if exists $target_db" \
         -c "create database $target_db" -c "checkpoint"
+}
+
+# No target database at all: `dr restore --create` makes it, which is what lets a split
+# backup stream (into an existing database dr stages every archive first).
+no_target() {
+    psql_admin -c "set client_min_messages = warning" -c "drop database if exists $target_db" \
+        -c "checkpoint"
 }
 
 # Row counts of every table, to check that each run restored everything.
@@ -107,6 +115,7 @@ prepare() {
     dr_or_die "dr backup" /usr/bin/time -f '%e %M' -o "$tmp/backup.time" \
         "$dr" --config "$config1" --log-format json backup >/dev/null
     backup_seconds=$(cut -d' ' -f1 "$tmp/backup.time")
+    backup_rss=$(kib_to_mib "$(cut -d' ' -f2 "$tmp/backup.time")")
     "$dr" --config "$config" --log-format json list --json 2>>"$tmp/dr.log" >"$tmp/list.json"
     stored_bytes=$(jq '.[-1].stored_bytes' "$tmp/list.json")
     raw_archive_bytes=$(jq '.[-1].raw_bytes' "$tmp/list.json")
@@ -115,6 +124,7 @@ prepare() {
     dr_or_die "dr backup" /usr/bin/time -f '%e %M' -o "$tmp/backup-split.time" \
         "$dr" --config "$config" --log-format json backup >/dev/null
     split_backup_seconds=$(cut -d' ' -f1 "$tmp/backup-split.time")
+    split_backup_rss=$(kib_to_mib "$(cut -d' ' -f2 "$tmp/backup-split.time")")
     "$dr" --config "$config" --log-format json list --json 2>>"$tmp/dr.log" >"$tmp/list.json"
     split_stored_bytes=$(jq '.[-1].stored_bytes' "$tmp/list.json")
     split_archives=$(jq '[.[-1].objects[] | select(.role == "data")] | length' "$tmp/list.json")
@@ -173,9 +183,9 @@ run_shell() {
 }
 
 run_dr() {
-    fresh_target
+    no_target
     if ! timed dr "$dr" --config "$config" --log-format json restore --database bench \
-        --target "$target_url" --jobs "$JOBS" --staging-dir "$tmp" --json \
+        --target "$target_url" --create --jobs "$JOBS" --staging-dir "$tmp" --json \
         >"$tmp/dr.json" 2>"$tmp/dr.log"; then
         echo "dr restore failed; its log:" >&2
         cat "$tmp/dr.log" >&2
@@ -190,9 +200,9 @@ run_dr() {
 }
 
 run_drone() {
-    fresh_target
+    no_target
     if ! timed drone "$dr" --config "$config" --log-format json restore --database bench \
-        --backup "$one_id" --target "$target_url" --jobs "$JOBS" --staging-dir "$tmp" --json \
+        --backup "$one_id" --target "$target_url" --create --jobs "$JOBS" --staging-dir "$tmp" --json \
         >"$tmp/drone.json" 2>"$tmp/dr.log"; then
         echo "dr restore (one archive) failed; its log:" >&2
         cat "$tmp/dr.log" >&2
@@ -247,7 +257,7 @@ report() {
 - dr commit: $(dr_commit)
 - database: pg_database_size $(human "$db_bytes"); archive (\`dr restore --output\`, decoded) $(human "$raw_archive_bytes"); stored in Garage (zstd + age) $(human "$stored_bytes"); largest table $(largest_share) % of it
 - split backup: $split_archives data archives (dump_jobs = $DUMP_JOBS), stored $(human "$split_stored_bytes")
-- unmeasured preparation: \`dr backup\` into Garage ${backup_seconds} s (one archive), ${split_backup_seconds} s (split); \`dr restore --output local.dump\` from Garage ${output_seconds} s; curl download of the stored object ${download_seconds} s
+- unmeasured preparation: \`dr backup\` into Garage ${backup_seconds} s, peak RSS ${backup_rss} MiB (one archive), ${split_backup_seconds} s, ${split_backup_rss} MiB (split); \`dr restore --output local.dump\` from Garage ${output_seconds} s; curl download of the stored object ${download_seconds} s
 - load average (1/5/15 min) before the rounds: $load_before; after: $load_after
 
 | command | median wall | × pg_restore -j $JOBS | median peak RSS |
@@ -259,7 +269,7 @@ report() {
 
 Split restore sections (median): pre-data ${pre} s, data archives side by side ${data} s, post-data ${post} s.
 
-dr's stages, median of its JSON summaries: fetch ${fetch} s, decrypt_decompress ${decode} s (overlaps fetch; ends when the staged archive is written and synced), pg_restore ${restore} s (includes \`pg_restore --list\` for the progress bar), total ${total} s; the rest of the wall time (process start, manifest listing, target checks) is $(awk -v w="$c" -v t="$total" 'BEGIN { printf "%.2f", w - t }') s.
+dr's stages, median of its JSON summaries: fetch ${fetch} s, decrypt_decompress ${decode} s (overlaps fetch; for a split backup, until the last data archive is loaded), pg_restore ${restore} s (includes \`pg_restore --list\` for the progress bar), total ${total} s; the rest of the wall time (process start, manifest listing, target checks) is $(awk -v w="$c" -v t="$total" 'BEGIN { printf "%.2f", w - t }') s.
 
 Wall times per run (s): pg_restore -j $JOBS $(col local 1 | xargs); shell $(col shell 1 | xargs); dr $(col dr 1 | xargs); dr one archive $(col drone 1 | xargs). \
 dr's stages per run (fetch decrypt_decompress pg_restore total): $(paste -sd ';' "$tmp/drstages.times" | sed 's/;/; /g'). \
@@ -267,7 +277,7 @@ dr peak RSS per run: $(col dr 2 | while read -r k; do kib_to_mib "$k"; echo; don
 
 Target: dr restore ≤ 1.00× local \`pg_restore -j $JOBS\`: $(ratio "$c" "$a")× $(pass "$(ratio "$c" "$a")" 1.00).
 
-What each line measures: (a) only PostgreSQL loading an archive that is already decoded on local disk, $JOBS jobs; (b) decrypting and decompressing a local copy of the stored object straight into a single pg_restore — the download is *not* included, which favours it (the curl download alone took ${download_seconds} s); (c) everything from a cold start of \`dr\`: listing manifests in Garage, downloading the object over HTTP, verifying it (sha256, age, zstd), writing and fsyncing the decoded archive to a staging file, then \`pg_restore -j $JOBS\` of it. Peak RSS is GNU time's %M: the largest of the process and its reaped descendants, so for (a) and (c) it includes pg_restore's workers.
+What each line measures: (a) only PostgreSQL loading an archive that is already decoded on local disk, $JOBS jobs; (b) decrypting and decompressing a local copy of the stored object straight into a single pg_restore — the download is *not* included, which favours it (the curl download alone took ${download_seconds} s); (c) everything from a cold start of \`dr\` for the split backup: listing manifests in Garage, creating the database, staging the small schema archive, restoring pre-data, then downloading every data archive over HTTP, verifying it (sha256, age, zstd) and streaming it into its own \`pg_restore --data-only\`, all side by side, then post-data with \`pg_restore -j $JOBS\`; (d) the same for the one-archive backup, which is downloaded, verified and decoded into a staging file before \`pg_restore -j $JOBS\` of it. Peak RSS is GNU time's %M: the largest of the process and its reaped descendants, so for (a) and (c) it includes pg_restore's workers.
 EOF
 }
 
