@@ -138,7 +138,7 @@ prepare() {
     log "downloading the stored object with curl (data.age, for the shell pipeline)"
     local key t0
     key=$(s3_curl "$(s3_url "/?list-type=2&prefix=bench%2F")" |
-        grep -o "<Key>[^<]*/$one_id/data\\.dump\\.zst\\.age</Key>" | sed 's/<[^>]*>//g')
+        { grep -o "<Key>[^<]*/$one_id/data\\.dump\\.zst\\.age</Key>" || true; } | sed 's/<[^>]*>//g')
     [ -n "$key" ] || die "no data.dump.zst.age object in bucket $s3_bucket"
     t0=$(date +%s.%N)
     s3_curl -o "$tmp/data.age" "$(s3_url "/$key")"

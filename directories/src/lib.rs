@@ -817,6 +817,36 @@ pub async fn prune_with(
     Ok(decisions)
 }
 
+/// Objects of directory backups that never got a manifest (a failed or killed backup or
+/// copy), old enough that nothing can still be writing them: the backup id is older than
+/// `max_backup` plus an hour and the object was not written in the last hour, as for
+/// databases. Deleted unless `dry_run`; returns their keys.
+pub async fn prune_leftovers(
+    repo: &Repository,
+    name: &str,
+    now: Timestamp,
+    max_backup: std::time::Duration,
+    dry_run: bool,
+) -> Result<Vec<String>, StorageError> {
+    let prefix = format!("{}/{name}/backups/", repo.environment());
+    let keys = repo.storage().list(&prefix).await?;
+    let committed: std::collections::BTreeSet<String> = keys
+        .iter()
+        .filter_map(|o| o.key.strip_suffix(&format!("/{MANIFEST}")))
+        .filter_map(|unit| unit.rsplit('/').next())
+        .map(str::to_string)
+        .collect();
+    let max_backup_seconds = i64::try_from(max_backup.as_secs()).unwrap_or(i64::MAX / 2);
+    let leftovers = dr_core::retention::orphans(&keys, &committed, now, max_backup_seconds);
+    if !dry_run {
+        for key in &leftovers {
+            repo.storage().delete(key).await?;
+            tracing::info!(key, "removed an object no manifest refers to");
+        }
+    }
+    Ok(leftovers)
+}
+
 /// The `[[directories]]` entry named `name`.
 pub fn configured<'a>(config: &'a Config, name: &str) -> Option<&'a DirectoryConfig> {
     config.directories.iter().find(|d| d.name.as_str() == name)

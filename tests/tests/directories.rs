@@ -621,17 +621,26 @@ fn a_copy_holds_directory_backups_and_prunes_them_by_its_own_keep() {
 #[test]
 fn dr_prune_applies_each_repositorys_keep_to_directory_backups() {
     let bed = Bed::new(|dir| Storage::File(dir.join("repo")));
-    // The primary keeps dailies 30 days; the copy one second.
     let cold = bed.tmp.path().join("cold");
-    let copy = format!(
-        "\n[[copies]]\nname = \"cold\"\n  [copies.storage]\n  url = \"file://{}\"\n  [copies.keep]\n  daily = \"1s\"\n",
-        cold.display()
-    );
-    fs::write(
-        &bed.config,
-        fs::read_to_string(&bed.config).unwrap() + &copy,
-    )
-    .unwrap();
+    // `primary` and `copy`: each repository's keep of the dailies.
+    let configure = |primary: &str, copy: &str| {
+        let text = fs::read_to_string(&bed.config).unwrap();
+        let text = text.split("\n[[copies]]").next().unwrap().to_string();
+        let text = text
+            .lines()
+            .map(|l| match l.trim_start().starts_with("keep = ") {
+                true => format!("  keep = \"{primary}\""),
+                false => l.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let copies = format!(
+            "\n[[copies]]\nname = \"cold\"\n  [copies.storage]\n  url = \"file://{}\"\n  [copies.keep]\n  daily = \"{copy}\"\n",
+            cold.display()
+        );
+        fs::write(&bed.config, text + "\n" + &copies).unwrap();
+    };
+    configure("30d", "1s");
     let mut ids = Vec::new();
     for _ in 0..3 {
         let out = Dr::new(&bed.config)
@@ -648,10 +657,13 @@ fn dr_prune_applies_each_repositorys_keep_to_directory_backups() {
         ids.push(json(&out)["id"].as_str().unwrap().to_string());
         std::thread::sleep(std::time::Duration::from_millis(1100));
     }
-    Dr::new(&bed.config)
-        .args(["copy", "--to", "cold"])
-        .run()
-        .assert_success();
+    let copy = || {
+        Dr::new(&bed.config)
+            .args(["copy", "--to", "cold"])
+            .run()
+            .assert_success();
+    };
+    copy();
     std::thread::sleep(std::time::Duration::from_secs(2));
     let committed = |root: &Path| -> Vec<String> {
         let mut ids: Vec<String> = fs::read_dir(root.join("test/uploads/backups"))
@@ -666,13 +678,17 @@ fn dr_prune_applies_each_repositorys_keep_to_directory_backups() {
         ids
     };
     let primary = bed.tmp.path().join("repo");
-    assert_eq!(committed(&cold), ids, "dr copy copied every backup");
+    assert_eq!(
+        committed(&cold),
+        ids,
+        "dr copy copied every directory backup"
+    );
     let prune = |args: &[&str]| {
         let out = Dr::new(&bed.config).arg("prune").args(args).run();
         out.assert_success();
         out
     };
-    // The copy by its own keep: only the newest stays there; the primary is untouched.
+    // The copy by its own keep (one second, not the primary's 30 days): only the newest stays.
     let report = json(&prune(&["--repository", "cold", "--json"]));
     let entry = report
         .as_array()
@@ -691,27 +707,52 @@ fn dr_prune_applies_each_repositorys_keep_to_directory_backups() {
     assert_eq!(deleted, [ids[0].as_str(), ids[1].as_str()], "{entry:#}");
     assert_eq!(committed(&cold), [ids[2].clone()]);
     assert_eq!(committed(&primary), ids);
-    // The primary by its own keep: 30 days keeps everything.
-    prune(&["--directory", "uploads"]);
-    assert_eq!(committed(&primary), ids);
-    // Once the primary's keep is one second too, `dr prune` removes the older two, dry first.
-    fs::write(
-        &bed.config,
-        fs::read_to_string(&bed.config)
-            .unwrap()
-            .replace("keep = \"30d\"", "keep = \"1s\""),
-    )
-    .unwrap();
+    // Now the primary keeps one second and the copy 30 days: pruning the copy (refilled)
+    // keeps all three there and must not touch the primary.
+    configure("1s", "30d");
+    copy();
+    assert_eq!(committed(&cold), ids);
+    prune(&["--repository", "cold"]);
+    assert_eq!(committed(&cold), ids);
+    assert_eq!(
+        committed(&primary),
+        ids,
+        "pruning the copy pruned the primary"
+    );
+    // A leftover of a backup that died long ago (objects, no manifest).
+    let leftover = primary.join("test/uploads/backups/20200101T000000Z-dead");
+    fs::create_dir_all(&leftover).unwrap();
+    let stale = fs::File::create(leftover.join("data.tar.zst.age")).unwrap();
+    stale
+        .set_modified(
+            std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_577_836_800),
+        )
+        .unwrap();
+    drop(stale);
+    // The primary by its own keep, dry first.
     let dry = prune(&["--dry-run"]);
     assert!(
         dry.stdout
-            .contains(&format!("would delete {}  uploads (directory)", ids[0])),
+            .contains(&format!("would delete {}  uploads (directory)", ids[0]))
+            && dry
+                .stdout
+                .contains("20200101T000000Z-dead/data.tar.zst.age"),
         "{}",
         dry.stdout
     );
     assert_eq!(committed(&primary), ids, "--dry-run deleted something");
-    prune(&[]);
+    assert!(
+        leftover.join("data.tar.zst.age").exists(),
+        "--dry-run deleted the leftover"
+    );
+    let report = json(&prune(&["--directory", "uploads", "--json"]));
+    assert_eq!(
+        report[0]["orphans"],
+        serde_json::json!(["test/uploads/backups/20200101T000000Z-dead/data.tar.zst.age"]),
+        "{report:#}"
+    );
     assert_eq!(committed(&primary), [ids[2].clone()]);
+    assert!(!leftover.join("data.tar.zst.age").exists());
     // A directory that is not configured is named as such.
     let out = Dr::new(&bed.config)
         .args(["prune", "--directory", "nope"])

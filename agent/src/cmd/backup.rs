@@ -54,7 +54,7 @@ impl Args {
                 format!(
                     "database `{name}` is not in {} (configured: {})",
                     config_path.display(),
-                    names(&config)
+                    super::names(config.databases.iter().map(|d| d.name.as_str()))
                 )
             })?],
             None if config.databases.is_empty() => {
@@ -246,13 +246,4 @@ fn progress_bar(database: &str, control: &Control) -> ProgressBar {
         }
     });
     bar
-}
-
-fn names(config: &dr_core::config::Config) -> String {
-    let v: Vec<&str> = config.databases.iter().map(|d| d.name.as_str()).collect();
-    if v.is_empty() {
-        "none".into()
-    } else {
-        v.join(", ")
-    }
 }

@@ -78,11 +78,11 @@ pub fn cancel_on_signal(token: tokio_util::sync::CancellationToken, what: &'stat
     });
 }
 
-/// `a, b, c`, or `(none)`.
+/// `a, b, c`, or `none`: the configured names an error lists.
 pub fn names<'a>(names: impl Iterator<Item = &'a str>) -> String {
     let list: Vec<&str> = names.collect();
     if list.is_empty() {
-        "(none)".into()
+        "none".into()
     } else {
         list.join(", ")
     }

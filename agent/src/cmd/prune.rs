@@ -17,8 +17,9 @@ use crate::daemon::lock::{self, Acquired};
 /// (a backup in flight) is skipped with the holder named, and the exit code is non-zero.
 /// --dry-run deletes nothing and takes no lock.
 ///
-/// `[[directories]]` backups follow the same rules. With --repository a copy is pruned by
-/// its own `[copies.keep]`; the primary is not touched.
+/// `[[directories]]` backups follow the same retention rules and lose their leftovers the
+/// same way, but take no lock. With --repository a copy is pruned by its own
+/// `[copies.keep]`; the primary is not touched.
 #[derive(clap::Args)]
 pub struct Args {
     /// Only this database (default: every configured database and directory).
@@ -161,13 +162,28 @@ impl Args {
                 }
             }
         }
-        // Directory backups have no leftovers to age (a crashed one is rewritten under a new
-        // id and its objects are never listed as a backup) and take no lock: their retention
-        // reads manifests only.
+        // Directory backups take no lock (none is held while one is written): a backup in
+        // flight has no manifest, so retention never sees it, and its objects are too young
+        // to be leftovers.
         let mut dir_reports = Vec::new();
         for dir in dirs {
-            match dr_directories::prune_with(&repo, dir, &overrides, now, self.dry_run).await {
-                Ok(decisions) => dir_reports.push((dir.name.as_str(), decisions)),
+            let name = dir.name.as_str();
+            let pruned = async {
+                let decisions =
+                    dr_directories::prune_with(&repo, dir, &overrides, now, self.dry_run).await?;
+                let leftovers = dr_directories::prune_leftovers(
+                    &repo,
+                    name,
+                    now,
+                    config.job_timeout(),
+                    self.dry_run,
+                )
+                .await?;
+                Ok::<_, dr_core::storage::StorageError>((decisions, leftovers))
+            }
+            .await;
+            match pruned {
+                Ok((decisions, leftovers)) => dir_reports.push((name, decisions, leftovers)),
                 Err(e) => {
                     failed = true;
                     crate::print_error(&anyhow::Error::new(e).context(format!(
@@ -189,11 +205,12 @@ impl Args {
                 }
                 out.push(v);
             }
-            for (name, decisions) in &dir_reports {
+            for (name, decisions, leftovers) in &dir_reports {
                 out.push(serde_json::json!({
                     "kind": "directory",
                     "directory": name,
                     "decisions": decisions,
+                    "orphans": leftovers,
                     "dry_run": self.dry_run,
                 }));
             }
@@ -250,7 +267,7 @@ impl Args {
                     eprintln!("error: {e}");
                 }
             }
-            for (name, decisions) in &dir_reports {
+            for (name, decisions, leftovers) in &dir_reports {
                 for d in decisions {
                     println!(
                         "{} {}  {name} (directory)  {}",
@@ -258,6 +275,9 @@ impl Args {
                         d.backup_id,
                         d.reason
                     );
+                }
+                for o in leftovers {
+                    println!("{verb} {o}  (no manifest, too old to be a backup in flight)");
                 }
             }
         }
@@ -268,4 +288,3 @@ impl Args {
         })
     }
 }
-

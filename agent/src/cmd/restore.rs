@@ -478,14 +478,9 @@ impl Args {
         name: &str,
     ) -> anyhow::Result<ExitCode> {
         if dr_directories::configured(config, name).is_none() {
-            let names: Vec<&str> = config.directories.iter().map(|d| d.name.as_str()).collect();
             anyhow::bail!(
-                "no [[directories]] entry named `{name}` (configured: {})",
-                if names.is_empty() {
-                    "none".to_string()
-                } else {
-                    names.join(", ")
-                }
+                "no `[[directories]]` entry is named `{name}`; configured: {}",
+                super::names(config.directories.iter().map(|d| d.name.as_str()))
             );
         }
         let output = self.output.clone().expect("clap requires --output");

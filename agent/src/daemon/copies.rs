@@ -133,6 +133,17 @@ async fn pass(
                 tracing::warn!(repository = name, directory = %dir.name, error = %e, "prune of the copy failed")
             }
         }
+        let leftovers = dr_directories::prune_leftovers(
+            dst,
+            dir.name.as_str(),
+            Timestamp::now(),
+            shared.config.job_timeout(),
+            false,
+        )
+        .await;
+        if let Err(e) = leftovers {
+            tracing::warn!(repository = name, directory = %dir.name, error = %e, "removing leftovers from the copy failed")
+        }
     }
     for db in &shared.config.databases {
         let pruned = dr_core::retention::prune_with(

@@ -160,6 +160,17 @@ async fn run(shared: &Arc<Shared>, index: usize, classes: Vec<String>) {
                     tracing::warn!(directory = name, error = %e, "prune failed; backups go on")
                 }
             }
+            let leftovers = dr_directories::prune_leftovers(
+                &shared.repo,
+                name,
+                Timestamp::now(),
+                config.job_timeout(),
+                false,
+            )
+            .await;
+            if let Err(e) = leftovers {
+                tracing::warn!(directory = name, error = %e, "removing leftovers of failed backups failed; backups go on")
+            }
         }
         Err(e) if control.cancel.is_cancelled() => {
             tracing::info!(directory = name, error = %e, "directory backup stopped by shutdown");
