@@ -215,6 +215,17 @@ pub struct PruneReport {
     pub warnings: Vec<String>,
 }
 
+/// Whether a prune also removes leftovers: objects no manifest refers to and multipart
+/// uploads left open, once old enough that no backup of ours can still be writing them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Leftovers {
+    Remove,
+    /// In a copy repository, from outside the agent: a catch-up copy writes old backup ids
+    /// and can run for hours without a lock, so only the agent's own copy pass (which prunes
+    /// after it copies) may judge what is left over there.
+    Keep,
+}
+
 /// Applies retention to one database: each expired backup loses its manifest first, then
 /// its objects; then old orphaned objects go. `max_backup` is the longest a backup may run
 /// (`[agent] job_timeout`). The caller holds the database's lock, so no backup of ours is
@@ -226,7 +237,16 @@ pub async fn prune(
     max_backup: std::time::Duration,
     dry_run: bool,
 ) -> Result<PruneReport, crate::storage::StorageError> {
-    prune_with(repo, db, &BTreeMap::new(), now, max_backup, dry_run).await
+    prune_with(
+        repo,
+        db,
+        &BTreeMap::new(),
+        now,
+        max_backup,
+        Leftovers::Remove,
+        dry_run,
+    )
+    .await
 }
 
 /// Like [`prune`], with `overrides` replacing some classes' `keep` (a copy's retention).
@@ -236,6 +256,7 @@ pub async fn prune_with(
     overrides: &BTreeMap<String, crate::config::Duration>,
     now: Timestamp,
     max_backup: std::time::Duration,
+    leftovers: Leftovers,
     dry_run: bool,
 ) -> Result<PruneReport, crate::storage::StorageError> {
     let max_backup_seconds = i64::try_from(max_backup.as_secs()).unwrap_or(i64::MAX / 2);
@@ -270,14 +291,18 @@ pub async fn prune_with(
     }
     let committed: BTreeSet<String> = listing.backups.iter().map(|m| m.id.to_string()).collect();
     let prefix = format!("{}/{database}/backups/", repo.environment());
-    let orphans = orphans(
-        &repo.storage().list(&prefix).await?,
-        &committed,
-        now,
-        max_backup_seconds,
-    );
     let mut warnings = Vec::new();
+    let orphans = match leftovers {
+        Leftovers::Remove => orphans(
+            &repo.storage().list(&prefix).await?,
+            &committed,
+            now,
+            max_backup_seconds,
+        ),
+        Leftovers::Keep => Vec::new(),
+    };
     let pending = match repo.storage().pending_uploads(&prefix).await {
+        _ if leftovers == Leftovers::Keep => Vec::new(),
         Ok(p) => p,
         // Without multipart listing (s3s-fs) only that step is lost: retention goes on.
         Err(e) if e.is_unsupported() => {

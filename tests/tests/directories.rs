@@ -712,6 +712,20 @@ fn dr_prune_applies_each_repositorys_keep_to_directory_backups() {
     configure("1s", "30d");
     copy();
     assert_eq!(committed(&cold), ids);
+    // A leftover of a backup that died long ago (objects, no manifest), in both.
+    let plant = |root: &Path| {
+        let leftover = root.join("test/uploads/backups/20200101T000000Z-dead");
+        fs::create_dir_all(&leftover).unwrap();
+        let stale = fs::File::create(leftover.join("data.tar.zst.age")).unwrap();
+        stale
+            .set_modified(
+                std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_577_836_800),
+            )
+            .unwrap();
+        leftover
+    };
+    let leftover = plant(&primary);
+    let cold_leftover = plant(&cold);
     prune(&["--repository", "cold"]);
     assert_eq!(committed(&cold), ids);
     assert_eq!(
@@ -719,16 +733,9 @@ fn dr_prune_applies_each_repositorys_keep_to_directory_backups() {
         ids,
         "pruning the copy pruned the primary"
     );
-    // A leftover of a backup that died long ago (objects, no manifest).
-    let leftover = primary.join("test/uploads/backups/20200101T000000Z-dead");
-    fs::create_dir_all(&leftover).unwrap();
-    let stale = fs::File::create(leftover.join("data.tar.zst.age")).unwrap();
-    stale
-        .set_modified(
-            std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_577_836_800),
-        )
-        .unwrap();
-    drop(stale);
+    // In a copy, a catch-up copy in flight looks like a leftover: only the agent removes it.
+    assert!(cold_leftover.join("data.tar.zst.age").exists());
+    assert!(leftover.join("data.tar.zst.age").exists());
     // The primary by its own keep, dry first.
     let dry = prune(&["--dry-run"]);
     assert!(

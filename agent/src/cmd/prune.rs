@@ -19,7 +19,8 @@ use crate::daemon::lock::{self, Acquired};
 ///
 /// `[[directories]]` backups follow the same retention rules and lose their leftovers the
 /// same way, but take no lock. With --repository a copy is pruned by its own
-/// `[copies.keep]`; the primary is not touched.
+/// `[copies.keep]` and the primary is not touched; leftovers in a copy are left to the
+/// agent's copy pass (a catch-up copy in flight looks like one).
 #[derive(clap::Args)]
 pub struct Args {
     /// Only this database (default: every configured database and directory).
@@ -48,6 +49,11 @@ impl Args {
     pub async fn run(self, config_path: &Path) -> anyhow::Result<ExitCode> {
         let config = super::load_config(config_path)?;
         let repo = super::open_repository(&config, self.repository.as_deref()).await?;
+        // A copy's leftovers are the agent's to remove (see Leftovers::Keep).
+        let leftovers = match self.repository.as_deref() {
+            None | Some(dr_core::config::PRIMARY) => dr_core::retention::Leftovers::Remove,
+            Some(_) => dr_core::retention::Leftovers::Keep,
+        };
         let overrides = self
             .repository
             .as_deref()
@@ -115,6 +121,7 @@ impl Args {
                 &overrides,
                 now,
                 config.job_timeout(),
+                leftovers,
                 self.dry_run,
             )
             .await;
@@ -171,14 +178,19 @@ impl Args {
             let pruned = async {
                 let decisions =
                     dr_directories::prune_with(&repo, dir, &overrides, now, self.dry_run).await?;
-                let leftovers = dr_directories::prune_leftovers(
-                    &repo,
-                    name,
-                    now,
-                    config.job_timeout(),
-                    self.dry_run,
-                )
-                .await?;
+                let leftovers = match leftovers {
+                    dr_core::retention::Leftovers::Remove => {
+                        dr_directories::prune_leftovers(
+                            &repo,
+                            name,
+                            now,
+                            config.job_timeout(),
+                            self.dry_run,
+                        )
+                        .await?
+                    }
+                    dr_core::retention::Leftovers::Keep => Vec::new(),
+                };
                 Ok::<_, dr_core::storage::StorageError>((decisions, leftovers))
             }
             .await;

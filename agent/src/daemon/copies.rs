@@ -152,6 +152,8 @@ async fn pass(
             &copy.keep,
             Timestamp::now(),
             shared.config.job_timeout(),
+            // Right after this pass copied everything: nothing is being copied now.
+            dr_core::retention::Leftovers::Remove,
             false,
         )
         .await;

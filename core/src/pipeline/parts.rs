@@ -24,8 +24,9 @@ const GROWTH_BASE: usize = 8 * 1024 * 1024;
 
 /// The size of part `number` (1-based) of an upload whose configured part size is `base`:
 /// `base` for the first 1,000 parts, then the larger of `base` and 8 MiB × 2^⌊(n−1)/1000⌋,
-/// never more than 5 GiB. With the default 16 MiB, parts stay at 16 MiB up to 32 GiB
-/// stored, are 64 MiB around 100 GiB, 512 MiB around 1 TiB and 4 GiB near 5 TiB.
+/// never more than 5 GiB. With the default 8 MiB, parts stay at 8 MiB up to 7.8 GiB
+/// stored, are 16 MiB up to 23 GiB, 64 MiB around 100 GiB, 512 MiB around 1 TiB and 4 GiB
+/// near 5 TiB.
 pub fn part_size(base: usize, number: usize) -> usize {
     let doublings = (number.max(1) - 1) / DOUBLE_EVERY;
     if doublings == 0 {
