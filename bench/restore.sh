@@ -298,7 +298,7 @@ main() {
     start_garage
 
     local target
-    target=$(awk -v s="$SIZE_GB" 'BEGIN { printf "%d", s * 1073741824 }')
+    target=$(awk -v s="$SIZE_GB" 'BEGIN { printf "%.0f", s * 1073741824 }')
     log "generating at least $(human "$target") of data"
     create_schema
     grow_to "$target"

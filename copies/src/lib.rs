@@ -281,7 +281,10 @@ async fn copy_object(
     let mut number = 1;
     let result: Result<(), String> = async {
         loop {
-            let size = part_size(base, number);
+            let size = match dst.storage().parts_grow() {
+                true => part_size(base, number),
+                false => base,
+            };
             let mut part = BytesMut::with_capacity(size);
             while part.len() < size {
                 let n = reader

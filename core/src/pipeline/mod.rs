@@ -165,7 +165,9 @@ async fn upload_encoded(
     storage: &dyn Storage,
     key: &str,
     control: &Control,
-    encode: impl FnOnce(mpsc::Sender<Bytes>, usize) -> Result<Stored, PipelineError> + Send + 'static,
+    encode: impl FnOnce(mpsc::Sender<Bytes>, parts::Plan) -> Result<Stored, PipelineError>
+        + Send
+        + 'static,
     stop: impl FnOnce(),
 ) -> Result<Stored, PipelineError> {
     let mut upload = match storage.start_upload(key).await {
@@ -177,7 +179,10 @@ async fn upload_encoded(
     };
     // One queued part: enough to overlap encoding with the upload, little memory.
     let (tx, mut rx) = mpsc::channel::<Bytes>(1);
-    let part_size = storage.part_size();
+    let part_size = parts::Plan {
+        base: storage.part_size(),
+        grow: storage.parts_grow(),
+    };
     let worker = tokio::task::spawn_blocking(move || encode(tx, part_size));
 
     let mut stopped = None;
@@ -225,7 +230,7 @@ async fn upload_encoded(
 fn encode_chunks(
     mut chunks: mpsc::Receiver<io::Result<Bytes>>,
     tx: mpsc::Sender<Bytes>,
-    part_size: usize,
+    part_size: parts::Plan,
     recipients: &Recipients,
     opts: EncodeOptions,
     progress: &Progress,
@@ -278,7 +283,7 @@ fn encode_source(
     mut source: ChildSource,
     expect: Expect,
     tx: mpsc::Sender<Bytes>,
-    part_size: usize,
+    part_size: parts::Plan,
     recipients: &Recipients,
     opts: EncodeOptions,
     progress: &Progress,

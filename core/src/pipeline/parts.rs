@@ -38,21 +38,39 @@ pub fn part_size(base: usize, number: usize) -> usize {
     base.max(curve).min(MAX_PART_SIZE)
 }
 
+/// How an upload's parts are sized: `base` bytes, growing by [`part_size`] where the store
+/// limits the number of parts (S3). A local file has no limit: its parts stay `base`, and
+/// memory stays flat however large the object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Plan {
+    pub base: usize,
+    pub grow: bool,
+}
+
+impl From<usize> for Plan {
+    fn from(base: usize) -> Self {
+        Plan { base, grow: true }
+    }
+}
+
 pub struct PartWriter {
     buf: Vec<u8>,
     base: usize,
+    grow: bool,
     part_size: usize,
     tx: mpsc::Sender<Bytes>,
     sent: usize,
 }
 
 impl PartWriter {
-    /// Parts start at `base` bytes and grow by [`part_size`].
-    pub fn new(tx: mpsc::Sender<Bytes>, base: usize) -> Self {
+    /// Parts start at `plan.base` bytes and, if `plan.grow`, grow by [`part_size`].
+    pub fn new(tx: mpsc::Sender<Bytes>, plan: impl Into<Plan>) -> Self {
+        let Plan { base, grow } = plan.into();
         let part_size = part_size(base, 1);
         PartWriter {
             buf: Vec::with_capacity(part_size),
             base,
+            grow,
             part_size,
             tx,
             sent: 0,
@@ -60,7 +78,9 @@ impl PartWriter {
     }
 
     fn send(&mut self) -> io::Result<()> {
-        self.part_size = part_size(self.base, self.sent + 2);
+        if self.grow {
+            self.part_size = part_size(self.base, self.sent + 2);
+        }
         let part = std::mem::replace(&mut self.buf, Vec::with_capacity(self.part_size));
         self.sent += 1;
         self.tx
@@ -164,6 +184,26 @@ mod tests {
         assert!(sizes[..1000].iter().all(|&n| n == 1024));
         assert_eq!(sizes[1000], 16 * 1024 * 1024);
         assert_eq!(sizes[1001], 16 * 1024 * 1024);
+    }
+
+    #[test]
+    fn parts_without_a_count_limit_keep_their_size() {
+        let (tx, mut rx) = mpsc::channel(MAX_PARTS + 1);
+        let mut w = PartWriter::new(
+            tx,
+            Plan {
+                base: 1024,
+                grow: false,
+            },
+        );
+        let mut sizes = Vec::new();
+        while sizes.len() < 1002 {
+            w.write_all(&[0u8; 1024]).unwrap();
+            while let Ok(p) = rx.try_recv() {
+                sizes.push(p.len());
+            }
+        }
+        assert!(sizes.iter().all(|&n| n == 1024), "{:?}", &sizes[998..]);
     }
 
     #[test]

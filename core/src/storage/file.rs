@@ -126,6 +126,10 @@ impl Storage for FileStorage {
         FILE_PART_SIZE
     }
 
+    fn parts_grow(&self) -> bool {
+        false
+    }
+
     async fn put(&self, key: &str, data: Bytes) -> Result<(), StorageError> {
         let path = self.path(key);
         self.create_parent(key, &path).await?;

@@ -85,6 +85,12 @@ pub trait Storage: Send + Sync + fmt::Debug {
     /// (`pipeline::parts::part_size`) so any object fits in S3's 10,000 parts.
     fn part_size(&self) -> usize;
 
+    /// Whether parts must grow to fit a limit on their number (S3's 10,000). A store
+    /// without one keeps them at `part_size`, so memory does not grow with the object.
+    fn parts_grow(&self) -> bool {
+        true
+    }
+
     /// Writes a small object whole (manifests, reports). Readers never see it half-written.
     async fn put(&self, key: &str, data: Bytes) -> Result<(), StorageError>;
 

@@ -30,6 +30,9 @@ impl<S: Storage> Storage for Refusing<S> {
     fn part_size(&self) -> usize {
         self.inner.part_size()
     }
+    fn parts_grow(&self) -> bool {
+        self.inner.parts_grow()
+    }
     async fn put(&self, key: &str, data: Bytes) -> Result<(), StorageError> {
         self.inner.put(key, data).await
     }
