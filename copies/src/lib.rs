@@ -12,7 +12,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::{Bytes, BytesMut};
-use dr_core::pipeline::parts::part_size;
+use dr_core::pipeline::parts::Plan;
 use dr_core::repo::Repository;
 use dr_core::storage::StorageError;
 use jiff::Timestamp;
@@ -275,16 +275,13 @@ async fn copy_object(
         .start_upload(key)
         .await
         .map_err(|e| e.to_string())?;
-    let base = dst.storage().part_size();
+    let plan = Plan::of(dst.storage());
     let mut hasher = Sha256::new();
     let mut total = 0u64;
     let mut number = 1;
     let result: Result<(), String> = async {
         loop {
-            let size = match dst.storage().parts_grow() {
-                true => part_size(base, number),
-                false => base,
-            };
+            let size = plan.size(number);
             let mut part = BytesMut::with_capacity(size);
             while part.len() < size {
                 let n = reader

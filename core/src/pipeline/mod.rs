@@ -179,10 +179,7 @@ async fn upload_encoded(
     };
     // One queued part: enough to overlap encoding with the upload, little memory.
     let (tx, mut rx) = mpsc::channel::<Bytes>(1);
-    let part_size = parts::Plan {
-        base: storage.part_size(),
-        grow: storage.parts_grow(),
-    };
+    let part_size = parts::Plan::of(storage);
     let worker = tokio::task::spawn_blocking(move || encode(tx, part_size));
 
     let mut stopped = None;

@@ -47,6 +47,24 @@ pub struct Plan {
     pub grow: bool,
 }
 
+impl Plan {
+    /// How `storage` wants its parts.
+    pub fn of(storage: &dyn crate::storage::Storage) -> Self {
+        Plan {
+            base: storage.part_size(),
+            grow: storage.parts_grow(),
+        }
+    }
+
+    /// The size of part `number` (1-based).
+    pub fn size(&self, number: usize) -> usize {
+        match self.grow {
+            true => part_size(self.base, number),
+            false => self.base.min(MAX_PART_SIZE),
+        }
+    }
+}
+
 impl From<usize> for Plan {
     fn from(base: usize) -> Self {
         Plan { base, grow: true }
@@ -55,8 +73,7 @@ impl From<usize> for Plan {
 
 pub struct PartWriter {
     buf: Vec<u8>,
-    base: usize,
-    grow: bool,
+    plan: Plan,
     part_size: usize,
     tx: mpsc::Sender<Bytes>,
     sent: usize,
@@ -65,12 +82,11 @@ pub struct PartWriter {
 impl PartWriter {
     /// Parts start at `plan.base` bytes and, if `plan.grow`, grow by [`part_size`].
     pub fn new(tx: mpsc::Sender<Bytes>, plan: impl Into<Plan>) -> Self {
-        let Plan { base, grow } = plan.into();
-        let part_size = part_size(base, 1);
+        let plan = plan.into();
+        let part_size = plan.size(1);
         PartWriter {
             buf: Vec::with_capacity(part_size),
-            base,
-            grow,
+            plan,
             part_size,
             tx,
             sent: 0,
@@ -78,9 +94,7 @@ impl PartWriter {
     }
 
     fn send(&mut self) -> io::Result<()> {
-        if self.grow {
-            self.part_size = part_size(self.base, self.sent + 2);
-        }
+        self.part_size = self.plan.size(self.sent + 2);
         let part = std::mem::replace(&mut self.buf, Vec::with_capacity(self.part_size));
         self.sent += 1;
         self.tx
