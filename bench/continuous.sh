@@ -21,7 +21,10 @@
 #
 # Environment: SCALE (default 10), LOAD_SECONDS (default 60), RATE (default 200),
 # RATE_SECONDS (default 180), SEGMENT (default 30), CLIENTS (default 4), BUILD (default 1; 0
-# uses the existing target/release/dr), KEEP=1 keeps the temporary directory.
+# uses the existing target/release/dr), KEEP=1 keeps the temporary directory, PIN=1 puts the
+# server and pgbench on CPU 0 and dr on CPU 1: the source and dr as on two hosts (in
+# production dr runs beside the app, not on the managed database), so a and b differ only
+# by what capture costs the source itself (the walsender's decoding).
 set -euo pipefail
 
 # shellcheck source=SCRIPTDIR/lib.sh
@@ -35,23 +38,52 @@ SEGMENT="${SEGMENT:-30}"
 CLIENTS="${CLIENTS:-4}"
 BUILD="${BUILD:-1}"
 KEEP="${KEEP:-0}"
+PIN="${PIN:-0}"
 RUNS=1
 SIZE_GB=0
 PG_OPTS="-c wal_level=logical -c max_replication_slots=4 -c max_wal_senders=4"
 agent_pid=""
+src_cpu=()
+dr_cpu=()
+if [ "$PIN" = 1 ]; then
+    src_cpu=(taskset -c 0)
+    dr_cpu=(taskset -c 1)
+fi
+
+# PIN=1: every server process on CPU 0; backends forked later inherit it from the postmaster.
+pin_server() {
+    [ "$PIN" = 1 ] || return 0
+    local pm
+    pm=$(head -n 1 "$tmp/pg/data/postmaster.pid")
+    for p in "$pm" $(pgrep -P "$pm"); do taskset -a -p -c 0 "$p" >/dev/null; done
+}
 
 stop_agent() {
     if [ -n "$agent_pid" ]; then
         kill -TERM "$agent_pid" 2>/dev/null || true
         wait "$agent_pid" 2>/dev/null || true
         agent_pid=""
+src_cpu=()
+dr_cpu=()
+if [ "$PIN" = 1 ]; then
+    src_cpu=(taskset -c 0)
+    dr_cpu=(taskset -c 1)
+fi
+
+# PIN=1: every server process on CPU 0; backends forked later inherit it from the postmaster.
+pin_server() {
+    [ "$PIN" = 1 ] || return 0
+    local pm
+    pm=$(head -n 1 "$tmp/pg/data/postmaster.pid")
+    for p in "$pm" $(pgrep -P "$pm"); do taskset -a -p -c 0 "$p" >/dev/null; done
+}
     fi
 }
 
 pgbench_tps() { # seconds, extra args...
     local secs=$1
     shift
-    "$pg_bin/pgbench" -n -h 127.0.0.1 -p "$port" -U postgres -c "$CLIENTS" -j 2 -T "$secs" "$@" bench 2>&1 |
+    "${src_cpu[@]}" "$pg_bin/pgbench" -n -h 127.0.0.1 -p "$port" -U postgres -c "$CLIENTS" -j 2 -T "$secs" "$@" bench 2>&1 |
         tee -a "$tmp/pgbench.log" | awk '/^tps = / { print $3; exit }'
 }
 
@@ -92,6 +124,7 @@ main() {
     ensure_tools
     build_dr
     start_postgres
+    pin_server
     log "pgbench -i -s $SCALE"
     "$pg_bin/pgbench" -i -q -s "$SCALE" -h 127.0.0.1 -p "$port" -U postgres bench >/dev/null 2>&1
     local load_before
@@ -103,6 +136,8 @@ main() {
 
     log "a2. pgbench at $RATE tps for ${RATE_SECONDS}s, capture off; server CPU"
     local ticks0 cpu_off cpu_on
+    # Phase a's backends must have exited and been reaped first, or their CPU lands here.
+    sleep 3
     ticks0=$(server_ticks)
     pgbench_tps "$RATE_SECONDS" -R "$RATE" >/dev/null
     sleep "$((SEGMENT + 5))"
@@ -132,9 +167,9 @@ url = "$db_url"
   segment_seconds = $SEGMENT
   replica_identity_full = ["public.pgbench_history"]
 TOML
-    "$dr" -c "$tmp/dr.toml" continuous setup --database bench >/dev/null
-    "$dr" -c "$tmp/dr.toml" backup --database bench >/dev/null 2>&1
-    "$dr" -c "$tmp/dr.toml" --log-format json agent 2>"$tmp/agent.log" &
+    "${dr_cpu[@]}" "$dr" -c "$tmp/dr.toml" continuous setup --database bench >/dev/null
+    "${dr_cpu[@]}" "$dr" -c "$tmp/dr.toml" backup --database bench >/dev/null 2>&1
+    "${dr_cpu[@]}" "$dr" -c "$tmp/dr.toml" --log-format json agent 2>"$tmp/agent.log" &
     agent_pid=$!
     sleep 2
 
@@ -160,6 +195,7 @@ TOML
     ticks_before=$(awk '{ print $14 + $15 }' "/proc/$agent_pid/stat")
     local seg_before
     seg_before=$(ls -1 "$tmp/repo/bench/bench/changes" | wc -l)
+    sleep 3
     ticks0=$(server_ticks)
     : >"$tmp/rss"
     (while kill -0 "$agent_pid" 2>/dev/null; do awk '/^VmRSS/ { print $2 }' "/proc/$agent_pid/status" >>"$tmp/rss"; sleep 1; done) &
@@ -194,9 +230,9 @@ TOML
     stop_agent
 
     log "d. restore to latest against the base alone"
-    timed pitr "$dr" -c "$tmp/dr.toml" restore --database bench --to-time latest \
+    timed pitr "${dr_cpu[@]}" "$dr" -c "$tmp/dr.toml" restore --database bench --to-time latest \
         --target "postgres://postgres@127.0.0.1:$port/pitr" --create --json >"$tmp/pitr.json"
-    timed plain "$dr" -c "$tmp/dr.toml" restore --database bench --latest \
+    timed plain "${dr_cpu[@]}" "$dr" -c "$tmp/dr.toml" restore --database bench --latest \
         --target "postgres://postgres@127.0.0.1:$port/plain" --create --json >"$tmp/plain.json"
     local replayed
     replayed=$(jq .replay.transactions "$tmp/pitr.json")
@@ -210,7 +246,7 @@ TOML
 
 - machine: $(machine)
 - dr commit: $(dr_commit)
-- pgbench: TPC-B-like, $CLIENTS clients; the source and dr share the machine
+- pgbench: TPC-B-like, $CLIENTS clients; $(if [ "$PIN" = 1 ]; then echo "PIN=1: the server and pgbench on CPU 0, dr on CPU 1 (as on two hosts)"; else echo "the source and dr share the machine's two cores"; fi)
 - load average (1/5/15 min) before: $load_before; after: $load_after
 
 | measure | value | target |

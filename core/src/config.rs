@@ -67,14 +67,64 @@ pub struct Config {
 pub struct DirectoryConfig {
     /// Names it in the repository (`<env>/<name>/backups/...`); not a database's name.
     pub name: Name,
-    /// The tree's root, absolute.
-    pub path: PathBuf,
+    /// The tree's root, absolute; or else `source`.
+    pub path: Option<PathBuf>,
+    /// An S3 prefix whose objects are the tree (uploads an app already keeps in a bucket):
+    /// `source = "s3://bucket/prefix"` (AWS, the default endpoint) or a table like
+    /// `[storage]` (`url`, `endpoint`, `region`, `path_style`). Read only, never written.
+    #[serde(default, deserialize_with = "source_storage")]
+    pub source: Option<StorageConfig>,
     pub rpo: Option<Duration>,
     #[serde(default)]
     pub schedules: Vec<ScheduleConfig>,
     /// Skip (and count) files that cannot be read instead of failing the backup.
     #[serde(default)]
     pub skip_unreadable: bool,
+}
+
+/// What a `[[directories]]` entry reads.
+#[derive(Debug, Clone, Copy)]
+pub enum DirectorySource<'a> {
+    Path(&'a Path),
+    S3(&'a StorageConfig),
+}
+
+impl DirectoryConfig {
+    /// Exactly one of `path` and `source` is set (checked at load).
+    pub fn source(&self) -> DirectorySource<'_> {
+        match (&self.path, &self.source) {
+            (_, Some(s)) => DirectorySource::S3(s),
+            (Some(p), None) => DirectorySource::Path(p),
+            (None, None) => unreachable!("validated: a directory has a path or a source"),
+        }
+    }
+}
+
+/// `source = "s3://…"`, or a table with `[storage]`'s fields.
+fn source_storage<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<StorageConfig>, D::Error> {
+    struct Source;
+    impl<'de> serde::de::Visitor<'de> for Source {
+        type Value = StorageConfig;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str(
+                "an s3:// URL, or a table like [storage] (url, endpoint, region, path_style)",
+            )
+        }
+        fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<StorageConfig, E> {
+            Ok(StorageConfig::at(
+                StorageUrl::try_from(text.to_string()).map_err(E::custom)?,
+            ))
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            map: A,
+        ) -> Result<StorageConfig, A::Error> {
+            StorageConfig::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+        }
+    }
+    d.deserialize_any(Source).map(Some)
 }
 
 /// `[[copies]]`: a repository the agent copies the primary's stored objects to.
@@ -157,6 +207,22 @@ pub struct StorageConfig {
     /// S3 Object Lock: every stored object is locked until its backup's longest `keep` (plus
     /// a day) has passed. The bucket must have Object Lock enabled.
     pub object_lock: Option<crate::storage::LockMode>,
+}
+
+impl StorageConfig {
+    /// `url` with every other setting at its default.
+    pub fn at(url: StorageUrl) -> StorageConfig {
+        StorageConfig {
+            url,
+            endpoint: None,
+            region: None,
+            path_style: false,
+            part_size_mib: default_part_size_mib(),
+            max_in_flight: default_max_in_flight(),
+            idle_timeout_secs: default_idle_timeout_secs(),
+            object_lock: None,
+        }
+    }
 }
 
 fn default_idle_timeout_secs() -> u64 {
@@ -556,6 +622,50 @@ impl Config {
         Ok(())
     }
 
+    /// A directory's S3 source: S3, never locked, and not a repository's own objects (each
+    /// backup would hold the ones before it).
+    fn check_source(&self, name: &str, source: &StorageConfig) -> Result<(), String> {
+        let StorageUrl::S3 { bucket, prefix } = &source.url else {
+            return Err(format!(
+                "directory `{name}`: source {} is not an s3:// URL; a local tree is `path = \"/srv/uploads\"`",
+                source.url
+            ));
+        };
+        if source.object_lock.is_some() {
+            return Err(format!(
+                "directory `{name}`: object_lock on a source has no effect (dr only reads it); remove it"
+            ));
+        }
+        let nested = |a: &str, b: &str| {
+            let (a, b) = (a.trim_matches('/'), b.trim_matches('/'));
+            a.is_empty()
+                || b.is_empty()
+                || a == b
+                || b.starts_with(&format!("{a}/"))
+                || a.starts_with(&format!("{b}/"))
+        };
+        let repositories = std::iter::once(("[storage]".to_string(), &self.storage)).chain(
+            self.copies
+                .iter()
+                .map(|c| (format!("copy `{}`", c.name), &c.storage)),
+        );
+        for (owner, repo) in repositories {
+            if let StorageUrl::S3 {
+                bucket: b,
+                prefix: p,
+            } = &repo.url
+            {
+                if b == bucket && repo.endpoint == source.endpoint && nested(p, prefix) {
+                    return Err(format!(
+                        "directory `{name}`: source {} overlaps {owner} ({}): each backup would contain the backups before it; point source at the uploads' own prefix",
+                        source.url, repo.url
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn validate(&self, path: &Path) -> Result<(), ConfigError> {
         let invalid = |message: String| ConfigError::Invalid {
             path: path.to_owned(),
@@ -586,11 +696,27 @@ impl Config {
                     "[[directories]] name `{name}` is already used by a database or another directory; names share the repository"
                 )));
             }
-            if !dir.path.is_absolute() {
-                return Err(invalid(format!(
-                    "directory `{name}`: path {} must be absolute",
-                    dir.path.display()
-                )));
+            match (&dir.path, &dir.source) {
+                (Some(_), Some(_)) => {
+                    return Err(invalid(format!(
+                        "directory `{name}` sets both `path` and `source`; keep one (path for a local tree, source for an s3:// prefix)"
+                    )))
+                }
+                (None, None) => {
+                    return Err(invalid(format!(
+                        "directory `{name}` needs `path` (a local tree, like \"/srv/uploads\") or `source` (an S3 prefix, like \"s3://bucket/uploads\")"
+                    )))
+                }
+                (Some(path), None) if !path.is_absolute() => {
+                    return Err(invalid(format!(
+                        "directory `{name}`: path {} must be absolute",
+                        path.display()
+                    )));
+                }
+                _ => {}
+            }
+            if let Some(source) = &dir.source {
+                self.check_source(name, source).map_err(invalid)?;
             }
         }
         let mut copy_names = std::collections::BTreeSet::new();
@@ -1074,6 +1200,47 @@ rto = "1h"
         assert_eq!(db.schedules[1].keep.to_string(), "7y");
         assert_eq!(c.recipients().unwrap().len(), 1);
         assert!(c.storage.path_style);
+    }
+
+    #[test]
+    fn a_directory_reads_a_path_or_an_s3_source_never_both_nor_its_own_repository() {
+        let with = |entry: &str| {
+            parse(&format!(
+                "{ISSUE_EXAMPLE}\n[[directories]]\nname = \"uploads\"\n{entry}\n"
+            ))
+        };
+        let c = with("source = \"s3://app-uploads/media\"").unwrap();
+        let DirectorySource::S3(s) = c.directories[0].source() else {
+            panic!("not an S3 source")
+        };
+        assert_eq!(s.url.to_string(), "s3://app-uploads/media");
+        assert_eq!(s.endpoint, None);
+        let c = with("[directories.source]\nurl = \"s3://app-uploads/media\"\nendpoint = \"http://127.0.0.1:3900\"\npath_style = true").unwrap();
+        let DirectorySource::S3(s) = c.directories[0].source() else {
+            panic!("not an S3 source")
+        };
+        assert_eq!(s.endpoint.as_deref(), Some("http://127.0.0.1:3900"));
+        assert!(matches!(
+            with("path = \"/srv/uploads\"").unwrap().directories[0].source(),
+            DirectorySource::Path(p) if p == Path::new("/srv/uploads")
+        ));
+        for (entry, said) in [
+            ("path = \"/srv/uploads\"\nsource = \"s3://app-uploads/p\"", "both `path` and `source`"),
+            ("rpo = \"1d\"", "needs `path`"),
+            ("source = \"file:///srv/uploads\"", "not an s3:// URL"),
+            ("[directories.source]\nurl = \"s3://dr-backups\"\nendpoint = \"http://127.0.0.1:3900\"", "overlaps [storage]"),
+            ("[directories.source]\nurl = \"s3://dr-backups/acme/uploads\"\nendpoint = \"http://127.0.0.1:3900\"", "overlaps [storage]"),
+            ("source = \"s3://k:secret@app-uploads/p\"", "credentials do not belong"),
+            ("source = 7", "an s3:// URL, or a table"),
+            ("[directories.source]\nurl = \"s3://app-uploads/p\"\nobject_lock = \"governance\"", "object_lock on a source"),
+        ] {
+            let err = with(entry).unwrap_err().to_string();
+            assert!(err.contains(said), "{entry}: {err}");
+            assert!(!err.contains("secret"), "{err}");
+        }
+        // Another prefix of the repository's bucket is fine (or on another endpoint).
+        with("[directories.source]\nurl = \"s3://dr-backups/uploads\"\nendpoint = \"http://127.0.0.1:3900\"").unwrap();
+        with("source = \"s3://dr-backups\"").unwrap();
     }
 
     #[test]

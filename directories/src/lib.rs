@@ -17,14 +17,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use dr_core::config::{Config, DirectoryConfig};
+use dr_core::config::{Config, DirectoryConfig, DirectorySource};
 use dr_core::keys::{Identities, Recipients};
 use dr_core::manifest::BackupId;
 use dr_core::pipeline::decode::{self, Expected};
 use dr_core::pipeline::encode::EncodeOptions;
 use dr_core::pipeline::{encrypt_chunks_to_storage, Control, PipelineError, Progress, Stored};
 use dr_core::repo::Repository;
-use dr_core::storage::StorageError;
+use dr_core::storage::{ObjectInfo, Storage, StorageError};
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -202,11 +202,19 @@ impl<R: Read> Read for Exact<R> {
             buf[..want].fill(0);
             want
         } else {
-            self.hasher.update(&buf[..n]);
             n
         };
+        // The padding too: the listing describes what the archive holds, so a restore of
+        // a file that shrank while it was read still verifies (it is named as changed).
+        self.hasher.update(&buf[..n]);
         self.left -= n as u64;
         Ok(n)
+    }
+}
+
+impl<R> Exact<R> {
+    fn digest(self) -> String {
+        hex::encode(self.hasher.finalize())
     }
 }
 
@@ -221,45 +229,161 @@ fn mtime(meta: &fs::Metadata) -> i64 {
     meta.mtime()
 }
 
-/// Walks `root` depth first, names sorted, writing the tar to `data` and the listing to
-/// `listing`.
-fn produce(
-    dir: &DirectoryConfig,
-    data: impl Write,
-    mut listing: impl Write,
-) -> Result<Summary, DirError> {
-    let name = dir.name.to_string();
-    let root = dir.path.clone();
-    let io_err = |path: &Path, source: io::Error| DirError::Unreadable {
-        name: name.clone(),
-        path: path.display().to_string(),
+fn tar_err(source: io::Error) -> DirError {
+    DirError::Io {
+        what: "writing the tar stream".into(),
         source,
-    };
-    let meta = fs::metadata(&root).map_err(|e| io_err(&root, e))?;
-    if !meta.is_dir() {
-        return Err(DirError::NotADirectory {
-            name,
-            path: root.display().to_string(),
-        });
     }
-    let mut tar = tar::Builder::new(data);
-    tar.mode(tar::HeaderMode::Complete);
-    tar.follow_symlinks(false);
-    let mut summary = Summary::default();
-    let mut stack: Vec<PathBuf> = vec![PathBuf::new()];
-    let write_line = |listing: &mut dyn Write, entry: &Entry| -> Result<(), DirError> {
-        serde_json::to_writer(&mut *listing, entry)
+}
+
+/// The tar and the listing being written, and the counts that go into the manifest.
+struct TreeWriter<D: Write, L: Write> {
+    tar: tar::Builder<D>,
+    listing: L,
+    summary: Summary,
+}
+
+impl<D: Write, L: Write> TreeWriter<D, L> {
+    fn new(data: D, listing: L) -> Self {
+        let mut tar = tar::Builder::new(data);
+        tar.mode(tar::HeaderMode::Complete);
+        tar.follow_symlinks(false);
+        TreeWriter {
+            tar,
+            listing,
+            summary: Summary::default(),
+        }
+    }
+
+    fn line(&mut self, entry: &Entry) -> Result<(), DirError> {
+        serde_json::to_writer(&mut self.listing, entry)
             .map_err(io::Error::from)
-            .and_then(|()| listing.write_all(b"\n"))
+            .and_then(|()| self.listing.write_all(b"\n"))
             .map_err(|source| DirError::Io {
                 what: "writing the listing".into(),
                 source,
             })
-    };
-    let tar_err = |source: io::Error| DirError::Io {
-        what: "writing the tar stream".into(),
+    }
+
+    fn directory(
+        &mut self,
+        rel: &Path,
+        header: &mut tar::Header,
+        mtime: i64,
+        mode: u32,
+    ) -> Result<(), DirError> {
+        self.tar
+            .append_data(header, rel, io::empty())
+            .map_err(tar_err)?;
+        self.line(&Entry {
+            path: rel.display().to_string(),
+            kind: "dir".into(),
+            size: None,
+            mtime,
+            mode,
+            sha256: None,
+            target: None,
+        })?;
+        self.summary.directories += 1;
+        Ok(())
+    }
+
+    /// Appends `size` bytes of `reader` (padded if it ends early); the caller checks for
+    /// a change and then calls [`TreeWriter::listed`].
+    fn append<R: Read>(
+        &mut self,
+        rel: &Path,
+        header: &mut tar::Header,
+        reader: R,
+        size: u64,
+    ) -> io::Result<Exact<R>> {
+        header.set_size(size);
+        let mut exact = Exact {
+            inner: reader,
+            left: size,
+            hasher: Sha256::new(),
+            short: false,
+        };
+        self.tar.append_data(header, rel, &mut exact)?;
+        Ok(exact)
+    }
+
+    /// The listing line and counts of a file appended by [`TreeWriter::append`].
+    fn listed(
+        &mut self,
+        rel: &Path,
+        sha256: String,
+        size: u64,
+        mtime: i64,
+        mode: u32,
+        changed: bool,
+    ) -> Result<(), DirError> {
+        let shown = rel.display().to_string();
+        if changed {
+            note(
+                &mut self.summary.changed,
+                &mut self.summary.changed_files,
+                &shown,
+            );
+        }
+        self.line(&Entry {
+            path: shown,
+            kind: "file".into(),
+            size: Some(size),
+            mtime,
+            mode,
+            sha256: Some(sha256),
+            target: None,
+        })?;
+        self.summary.files += 1;
+        self.summary.bytes += size;
+        Ok(())
+    }
+
+    fn skip(&mut self, shown: &str) {
+        note(
+            &mut self.summary.skipped,
+            &mut self.summary.skipped_files,
+            shown,
+        );
+    }
+
+    fn finish(mut self) -> Result<Summary, DirError> {
+        self.tar
+            .into_inner()
+            .and_then(|mut w| w.flush())
+            .map_err(tar_err)?;
+        self.listing.flush().map_err(|source| DirError::Io {
+            what: "writing the listing".into(),
+            source,
+        })?;
+        Ok(self.summary)
+    }
+}
+
+/// Walks `root` depth first, names sorted, writing the tar to `data` and the listing to
+/// `listing`.
+fn produce(
+    name: &str,
+    root: &Path,
+    skip_unreadable: bool,
+    data: impl Write,
+    listing: impl Write,
+) -> Result<Summary, DirError> {
+    let io_err = |path: &Path, source: io::Error| DirError::Unreadable {
+        name: name.to_string(),
+        path: path.display().to_string(),
         source,
     };
+    let meta = fs::metadata(root).map_err(|e| io_err(root, e))?;
+    if !meta.is_dir() {
+        return Err(DirError::NotADirectory {
+            name: name.to_string(),
+            path: root.display().to_string(),
+        });
+    }
+    let mut w = TreeWriter::new(data, listing);
+    let mut stack: Vec<PathBuf> = vec![PathBuf::new()];
     while let Some(rel) = stack.pop() {
         let abs = root.join(&rel);
         let mut names: Vec<std::ffi::OsString> = match fs::read_dir(&abs) {
@@ -267,12 +391,8 @@ fn produce(
                 .map(|e| e.map(|e| e.file_name()))
                 .collect::<Result<_, _>>()
                 .map_err(|e| io_err(&abs, e))?,
-            Err(e) if dir.skip_unreadable && !rel.as_os_str().is_empty() => {
-                note(
-                    &mut summary.skipped,
-                    &mut summary.skipped_files,
-                    &rel.display().to_string(),
-                );
+            Err(e) if skip_unreadable && !rel.as_os_str().is_empty() => {
+                w.skip(&rel.display().to_string());
                 tracing::warn!(directory = %name, path = %abs.display(), error = %e, "unreadable directory skipped");
                 continue;
             }
@@ -293,105 +413,258 @@ fn produce(
             };
             let mode = meta.permissions().mode() & 0o7777;
             let kind = meta.file_type();
+            let mut header = tar::Header::new_gnu();
+            header.set_metadata_in_mode(&meta, tar::HeaderMode::Complete);
             if kind.is_dir() {
-                let mut header = tar::Header::new_gnu();
-                header.set_metadata_in_mode(&meta, tar::HeaderMode::Complete);
-                tar.append_data(&mut header, &rel_path, io::empty())
-                    .map_err(tar_err)?;
-                write_line(
-                    &mut listing,
-                    &Entry {
-                        path: shown,
-                        kind: "dir".into(),
-                        size: None,
-                        mtime: mtime(&meta),
-                        mode,
-                        sha256: None,
-                        target: None,
-                    },
-                )?;
-                summary.directories += 1;
+                w.directory(&rel_path, &mut header, mtime(&meta), mode)?;
                 subdirs.push(rel_path);
             } else if kind.is_symlink() {
                 let target = fs::read_link(&path).map_err(|e| io_err(&path, e))?;
-                let mut header = tar::Header::new_gnu();
-                header.set_metadata_in_mode(&meta, tar::HeaderMode::Complete);
                 header.set_entry_type(tar::EntryType::Symlink);
                 header.set_size(0);
-                tar.append_link(&mut header, &rel_path, &target)
+                w.tar
+                    .append_link(&mut header, &rel_path, &target)
                     .map_err(tar_err)?;
-                write_line(
-                    &mut listing,
-                    &Entry {
-                        path: shown,
-                        kind: "symlink".into(),
-                        size: None,
-                        mtime: mtime(&meta),
-                        mode,
-                        sha256: None,
-                        target: Some(target.display().to_string()),
-                    },
-                )?;
-                summary.symlinks += 1;
+                w.line(&Entry {
+                    path: shown,
+                    kind: "symlink".into(),
+                    size: None,
+                    mtime: mtime(&meta),
+                    mode,
+                    sha256: None,
+                    target: Some(target.display().to_string()),
+                })?;
+                w.summary.symlinks += 1;
             } else if kind.is_file() {
                 let file = match fs::File::open(&path) {
                     Ok(f) => f,
                     Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                    Err(e) if dir.skip_unreadable => {
+                    Err(e) if skip_unreadable => {
                         tracing::warn!(directory = %name, path = %path.display(), error = %e, "unreadable file skipped");
-                        note(&mut summary.skipped, &mut summary.skipped_files, &shown);
+                        w.skip(&shown);
                         continue;
                     }
                     Err(e) => return Err(io_err(&path, e)),
                 };
                 let size = meta.len();
-                let mut header = tar::Header::new_gnu();
-                header.set_metadata_in_mode(&meta, tar::HeaderMode::Complete);
-                header.set_size(size);
-                let mut exact = Exact {
-                    inner: file,
-                    left: size,
-                    hasher: Sha256::new(),
-                    short: false,
-                };
-                tar.append_data(&mut header, &rel_path, &mut exact)
+                let exact = w
+                    .append(&rel_path, &mut header, file, size)
                     .map_err(|e| io_err(&path, e))?;
                 let after = fs::symlink_metadata(&path).ok();
                 let changed = exact.short
                     || after.is_none_or(|a| a.len() != size || mtime(&a) != mtime(&meta));
                 if changed {
                     tracing::warn!(directory = %name, path = %path.display(), "file changed while it was read; stored as read");
-                    note(&mut summary.changed, &mut summary.changed_files, &shown);
                 }
-                write_line(
-                    &mut listing,
-                    &Entry {
-                        path: shown,
-                        kind: "file".into(),
-                        size: Some(size),
-                        mtime: mtime(&meta),
-                        mode,
-                        sha256: Some(hex::encode(exact.hasher.finalize())),
-                        target: None,
-                    },
-                )?;
-                summary.files += 1;
-                summary.bytes += size;
+                w.listed(&rel_path, exact.digest(), size, mtime(&meta), mode, changed)?;
             } else {
                 // Sockets, FIFOs and devices are not content.
-                note(&mut summary.skipped, &mut summary.skipped_files, &shown);
+                w.skip(&shown);
             }
         }
         stack.extend(subdirs.into_iter().rev());
     }
-    tar.into_inner()
-        .and_then(|mut w| w.flush())
-        .map_err(tar_err)?;
-    listing.flush().map_err(|source| DirError::Io {
-        what: "writing the listing".into(),
+    w.finish()
+}
+
+/// Objects of an S3 source at most this large are fetched whole, several at a time; larger
+/// ones stream when their turn comes. Bounds the read-ahead to `AHEAD × WHOLE`.
+const WHOLE: u64 = 256 * 1024;
+const AHEAD: usize = 16;
+/// Keys per listing request: the listing is never held whole.
+const PAGE: usize = 1000;
+
+/// One object of an S3 source, as the tar writer takes it.
+struct Fetched {
+    info: ObjectInfo,
+    body: Body,
+}
+
+enum Body {
+    Whole(Bytes),
+    /// Opened by the writer when its turn comes.
+    Stream,
+    /// Deleted since it was listed: nothing to store.
+    Gone,
+    Failed(StorageError),
+}
+
+/// Lists `source` page by page and fetches the small objects ahead, in key order.
+async fn fetch_objects(source: Arc<dyn Storage>, tx: mpsc::Sender<Result<Fetched, StorageError>>) {
+    use futures_util::StreamExt;
+    let mut after: Option<String> = None;
+    loop {
+        let page = match source.list_page("", after.as_deref(), PAGE).await {
+            Ok(page) => page,
+            Err(e) => {
+                let _ = tx.send(Err(e)).await;
+                return;
+            }
+        };
+        let Some(last) = page.last() else { return };
+        after = Some(last.key.clone());
+        let mut fetched = futures_util::stream::iter(page)
+            .map(|info| {
+                let source = source.clone();
+                async move {
+                    let body = if info.size > WHOLE || info.key.ends_with('/') {
+                        Body::Stream
+                    } else {
+                        match source.get(&info.key).await {
+                            Ok(bytes) => Body::Whole(bytes),
+                            Err(e) if e.is_not_found() => Body::Gone,
+                            Err(e) => Body::Failed(e),
+                        }
+                    };
+                    Fetched { info, body }
+                }
+            })
+            .buffered(AHEAD);
+        while let Some(f) = fetched.next().await {
+            if tx.send(Ok(f)).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// `key` as a relative path that unpacks inside the output: no empty, `.` or `..`
+/// component, no NUL (a trailing `/` marks a folder).
+fn safe_path(key: &str) -> Option<PathBuf> {
+    let trimmed = key.strip_suffix('/').unwrap_or(key);
+    let fine = !trimmed.is_empty()
+        && !trimmed.contains('\0')
+        && trimmed
+            .split('/')
+            .all(|c| !c.is_empty() && c != "." && c != "..");
+    fine.then(|| PathBuf::from(trimmed))
+}
+
+/// Keys that are files and may have keys below them (`doc` then `doc/page`), which no
+/// tree can hold; kept to the current path's ancestors, so memory follows depth, not count.
+#[derive(Default)]
+struct FileKeys(Vec<String>);
+
+impl FileKeys {
+    /// Whether `key` (in listing order) lies below a file already stored.
+    fn below_a_file(&mut self, key: &str) -> bool {
+        while let Some(top) = self.0.last() {
+            let dir = format!("{top}/");
+            if key.starts_with(&dir) {
+                return true;
+            }
+            if key > dir.as_str() {
+                // Keys sort after `top/` and outside it: none later can be inside it.
+                self.0.pop();
+            } else {
+                // Between `top` and `top/` (`top-2`, `top.txt`): they start with `top`.
+                return false;
+            }
+        }
+        false
+    }
+}
+
+/// Writes the objects `rx` yields as a tar (regular files, mode 0644, mtime = last
+/// modified) and the listing. An object deleted since it was listed is left out; one whose
+/// size differs from the listing is stored as read and named as changed.
+fn produce_objects(
+    name: &str,
+    source: &Arc<dyn Storage>,
+    skip_unreadable: bool,
+    mut rx: mpsc::Receiver<Result<Fetched, StorageError>>,
+    data: impl Write,
+    listing: impl Write,
+) -> Result<Summary, DirError> {
+    let handle = tokio::runtime::Handle::current();
+    let at = source.location();
+    let unreadable = |key: &str, source: io::Error| DirError::Unreadable {
+        name: name.to_string(),
+        path: format!("{at}/{key}"),
         source,
-    })?;
-    Ok(summary)
+    };
+    let mut w = TreeWriter::new(data, listing);
+    let mut files = FileKeys::default();
+    while let Some(fetched) = rx.blocking_recv() {
+        let Fetched { info, body } = fetched?;
+        let key = info.key.as_str();
+        let mtime = info.modified.map_or(0, |t| t.as_second());
+        let Some(rel) = safe_path(key) else {
+            tracing::warn!(directory = %name, key, "object key is not a path a tree can hold; skipped");
+            w.skip(key);
+            continue;
+        };
+        if files.below_a_file(key) {
+            tracing::warn!(directory = %name, key, "object lies below another object's key (a file cannot also be a folder); skipped");
+            w.skip(key);
+            continue;
+        }
+        let mut header = tar::Header::new_gnu();
+        header.set_mtime(mtime.max(0) as u64);
+        header.set_uid(0);
+        header.set_gid(0);
+        if key.ends_with('/') {
+            header.set_entry_type(tar::EntryType::Directory);
+            header.set_mode(0o755);
+            header.set_size(0);
+            w.directory(&rel, &mut header, mtime, 0o755)?;
+            continue;
+        }
+        let failed = |w: &mut TreeWriter<_, _>, e: StorageError| {
+            if skip_unreadable {
+                tracing::warn!(directory = %name, key, error = %e, "unreadable object skipped");
+                w.skip(key);
+                Ok(())
+            } else {
+                Err(unreadable(key, io::Error::other(e.to_string())))
+            }
+        };
+        header.set_entry_type(tar::EntryType::Regular);
+        header.set_mode(0o644);
+        let (sha256, changed) = match body {
+            Body::Gone => continue,
+            Body::Failed(e) => {
+                failed(&mut w, e)?;
+                continue;
+            }
+            Body::Whole(bytes) => {
+                let changed = bytes.len() as u64 != info.size;
+                let exact = w
+                    .append(&rel, &mut header, io::Cursor::new(bytes), info.size)
+                    .map_err(|e| unreadable(key, e))?;
+                let short = exact.short;
+                (exact.digest(), changed || short)
+            }
+            Body::Stream => {
+                let reader = match handle.block_on(source.open_read(key)) {
+                    Ok(r) => r,
+                    Err(e) if e.is_not_found() => continue,
+                    Err(e) => {
+                        failed(&mut w, e)?;
+                        continue;
+                    }
+                };
+                let reader = SyncIoBridge::new_with_handle(reader, handle.clone());
+                let mut exact = w
+                    .append(&rel, &mut header, reader, info.size)
+                    .map_err(|e| unreadable(key, e))?;
+                // Replaced by a longer object since it was listed: the rest is not stored.
+                let longer = exact
+                    .inner
+                    .read(&mut [0u8; 1])
+                    .map_err(|e| unreadable(key, e))?
+                    > 0;
+                let short = exact.short;
+                (exact.digest(), longer || short)
+            }
+        };
+        if changed {
+            tracing::warn!(directory = %name, key, "object changed while it was read; stored as read");
+        }
+        w.listed(&rel, sha256, info.size, mtime, 0o644, changed)?;
+        files.0.push(key.to_string());
+    }
+    w.finish()
 }
 
 /// Backs up `dir` into `repo`; the manifest is written last.
@@ -409,22 +682,29 @@ pub async fn backup(
     let unit = repo.backup_dir(name, &id);
     let (data_tx, data_rx) = mpsc::channel(4);
     let (list_tx, list_rx) = mpsc::channel(4);
+    type Walk = Box<dyn FnOnce(ChunkWriter, ChunkWriter) -> Result<Summary, DirError> + Send>;
+    let skip_unreadable = dir.skip_unreadable;
+    let owner = name.to_string();
+    let (walk, fetcher): (Walk, _) = match dir.source() {
+        DirectorySource::Path(root) => {
+            let root = root.to_path_buf();
+            let walk = move |data, listing| produce(&owner, &root, skip_unreadable, data, listing);
+            (Box::new(walk), None)
+        }
+        DirectorySource::S3(config) => {
+            let source = dr_core::storage::open(config).await?;
+            let (tx, rx) = mpsc::channel(AHEAD);
+            let fetcher = tokio::spawn(fetch_objects(source.clone(), tx));
+            let walk = move |data, listing| {
+                produce_objects(&owner, &source, skip_unreadable, rx, data, listing)
+            };
+            (Box::new(walk), Some(fetcher))
+        }
+    };
     let producer = {
-        let dir_path = dir.path.clone();
-        let config = DirectoryConfig {
-            name: dir.name.clone(),
-            path: dir_path,
-            rpo: None,
-            schedules: Vec::new(),
-            skip_unreadable: dir.skip_unreadable,
-        };
         let (data_err, list_err) = (data_tx.clone(), list_tx.clone());
         tokio::task::spawn_blocking(move || {
-            let result = produce(
-                &config,
-                ChunkWriter::new(data_tx),
-                ChunkWriter::new(list_tx),
-            );
+            let result = walk(ChunkWriter::new(data_tx), ChunkWriter::new(list_tx));
             if let Err(e) = &result {
                 // Fails both uploads: nothing partial is committed.
                 let _ = data_err.blocking_send(Err(io::Error::other(e.to_string())));
@@ -462,7 +742,11 @@ pub async fn backup(
             &listing_control
         ),
     );
-    let summary = producer.await.expect("directory walk panicked")?;
+    let summary = producer.await.expect("directory walk panicked");
+    if let Some(fetcher) = fetcher {
+        fetcher.abort();
+    }
+    let summary = summary?;
     let (data, listing): (Stored, Stored) = (data?, listing?);
     let object = |name: &str, s: Stored| DirObject {
         name: name.into(),
@@ -868,5 +1152,37 @@ mod tests {
         exact.read_to_end(&mut out).unwrap();
         assert_eq!(out, b"abc\0\0");
         assert!(exact.short);
+        // The listing's digest is of what the archive holds, so the restore verifies.
+        assert_eq!(exact.digest(), hex::encode(Sha256::digest(b"abc\0\0")));
+    }
+
+    #[test]
+    fn only_keys_that_unpack_inside_the_output_are_paths() {
+        assert_eq!(safe_path("a/b.txt"), Some(PathBuf::from("a/b.txt")));
+        assert_eq!(safe_path("folder/"), Some(PathBuf::from("folder")));
+        for bad in [
+            "", "/", "/abs", "a//b", "a/../b", "..", "./a", "a/.", "nul\0",
+        ] {
+            assert_eq!(safe_path(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_key_below_a_stored_file_is_found_in_listing_order() {
+        let mut files = FileKeys::default();
+        let mut below = Vec::new();
+        // Sorted as S3 lists them: `-` and `.` sort before `/`.
+        for key in [
+            "doc", "doc-2", "doc-2/x", "doc.txt", "doc/", "doc/page", "docs/a", "e",
+        ] {
+            if files.below_a_file(key) {
+                below.push(key);
+            } else if !key.ends_with('/') {
+                files.0.push(key.to_string());
+            }
+        }
+        assert_eq!(below, ["doc-2/x", "doc/", "doc/page"]);
+        // Only the current path's ancestors are held.
+        assert!(files.0.len() <= 2, "{:?}", files.0);
     }
 }

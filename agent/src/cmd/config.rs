@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::process::ExitCode;
 
-use dr_core::config::{Config, DrillTarget};
+use dr_core::config::{Config, DirectorySource, DrillTarget};
 
 #[derive(clap::Subcommand)]
 pub enum Command {
@@ -22,6 +22,7 @@ impl Command {
         let config = super::load_config(config_path)?;
         let mut problems = print_summary(&config, config_path, runs);
         problems.extend(object_lock_problems(&config).await);
+        problems.extend(source_problems(&config).await);
         if problems.is_empty() {
             println!("\n{}: OK", config_path.display());
             return Ok(ExitCode::SUCCESS);
@@ -67,6 +68,32 @@ async fn object_lock_problems(config: &Config) -> Vec<String> {
             Err(e) => problems.push(format!(
                 "repository {name} ({bucket}) sets object_lock = \"{mode}\" but its Object Lock configuration cannot be read ({e}); \
                  a store that does not implement Object Lock (Garage, for one) cannot make backups immutable"
+            )),
+        }
+    }
+    problems
+}
+
+/// For each directory read from S3: lists one key, as its backups will.
+async fn source_problems(config: &Config) -> Vec<String> {
+    let mut problems = Vec::new();
+    for dir in &config.directories {
+        let DirectorySource::S3(source) = dir.source() else {
+            continue;
+        };
+        let listed = match dr_core::storage::open(source).await {
+            Ok(s) => s.list_page("", None, 1).await,
+            Err(e) => Err(e),
+        };
+        match listed {
+            Ok(keys) if keys.is_empty() => println!(
+                "directory {} ({}): readable, but holds no objects yet",
+                dir.name, source.url
+            ),
+            Ok(_) => println!("directory {} ({}): readable", dir.name, source.url),
+            Err(e) => problems.push(format!(
+                "directory {} reads {} but cannot list it ({e}); the agent needs s3:ListBucket and s3:GetObject there",
+                dir.name, source.url
             )),
         }
     }

@@ -118,6 +118,20 @@ pub trait Storage: Send + Sync + fmt::Debug {
     /// Every object whose key starts with `prefix`, sorted by key.
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StorageError>;
 
+    /// At most `max` objects under `prefix` whose keys sort after `after`, sorted by key:
+    /// a page of a listing too long to hold at once (a bucket of a million uploads).
+    async fn list_page(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        max: usize,
+    ) -> Result<Vec<ObjectInfo>, StorageError> {
+        let mut all = self.list(prefix).await?;
+        all.retain(|o| after.is_none_or(|a| o.key.as_str() > a));
+        all.truncate(max);
+        Ok(all)
+    }
+
     async fn delete(&self, key: &str) -> Result<(), StorageError>;
 
     /// Multipart uploads started under `prefix` and never completed or aborted (a crash).

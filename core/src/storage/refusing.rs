@@ -54,6 +54,14 @@ impl<S: Storage> Storage for Refusing<S> {
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StorageError> {
         self.inner.list(prefix).await
     }
+    async fn list_page(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        max: usize,
+    ) -> Result<Vec<ObjectInfo>, StorageError> {
+        self.inner.list_page(prefix, after, max).await
+    }
     async fn delete(&self, key: &str) -> Result<(), StorageError> {
         if self.refused == Refused::Delete {
             return Err(StorageError::Failed {

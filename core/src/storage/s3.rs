@@ -623,25 +623,58 @@ impl Storage for S3Storage {
                         .send(),
                 )
                 .await?;
-            for obj in page.contents() {
-                let Some(key) = obj.key() else { continue };
-                if key.len() < strip {
-                    continue;
-                }
-                out.push(ObjectInfo {
-                    key: key[strip..].to_string(),
-                    size: obj.size().unwrap_or(0).max(0) as u64,
-                    modified: obj
-                        .last_modified()
-                        .and_then(|t| jiff::Timestamp::from_second(t.secs()).ok()),
-                });
-            }
+            out.extend(page.contents().iter().filter_map(|o| object_info(o, strip)));
             token = page.next_continuation_token().map(str::to_string);
             if page.is_truncated() != Some(true) || token.is_none() {
                 break;
             }
         }
         out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
+    async fn list_page(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        max: usize,
+    ) -> Result<Vec<ObjectInfo>, StorageError> {
+        let full = self.full_key(prefix);
+        let strip = if self.prefix.is_empty() {
+            0
+        } else {
+            self.prefix.len() + 1
+        };
+        let mut out: Vec<ObjectInfo> = Vec::new();
+        // S3 lists in UTF-8 byte order, which is `str`'s order: StartAfter pages exactly.
+        let mut after = after.map(|a| self.full_key(a));
+        while out.len() < max {
+            let page = self
+                .watch(
+                    "list",
+                    prefix,
+                    self.client
+                        .list_objects_v2()
+                        .bucket(&self.bucket)
+                        .prefix(&full)
+                        .set_start_after(after.clone())
+                        .max_keys(i32::try_from(max - out.len()).unwrap_or(1000).min(1000))
+                        .send(),
+                )
+                .await?;
+            let before = out.len();
+            out.extend(page.contents().iter().filter_map(|o| object_info(o, strip)));
+            let last = page
+                .contents()
+                .last()
+                .and_then(|o| o.key())
+                .map(str::to_string);
+            if page.is_truncated() != Some(true) || last.is_none() || out.len() == before {
+                break;
+            }
+            after = last;
+        }
+        out.truncate(max);
         Ok(out)
     }
 
@@ -1182,6 +1215,18 @@ impl Upload for S3Upload {
     async fn abort(mut self: Box<Self>) -> Result<(), StorageError> {
         self.abort_now().await
     }
+}
+
+/// A listed object, its key relative to the repository's prefix.
+fn object_info(obj: &aws_sdk_s3::types::Object, strip: usize) -> Option<ObjectInfo> {
+    let key = obj.key()?;
+    Some(ObjectInfo {
+        key: key.get(strip..)?.to_string(),
+        size: obj.size().unwrap_or(0).max(0) as u64,
+        modified: obj
+            .last_modified()
+            .and_then(|t| jiff::Timestamp::from_second(t.secs()).ok()),
+    })
 }
 
 #[cfg(test)]
