@@ -649,13 +649,21 @@ impl Config {
                 .iter()
                 .map(|c| (format!("copy `{}`", c.name), &c.storage)),
         );
+        // No endpoint is AWS's; a trailing slash or letter case names the same store.
+        let store = |endpoint: &Option<String>| match endpoint {
+            Some(e) if !e.contains("amazonaws.com") => e.trim_end_matches('/').to_lowercase(),
+            _ => "aws".to_string(),
+        };
         for (owner, repo) in repositories {
             if let StorageUrl::S3 {
                 bucket: b,
                 prefix: p,
             } = &repo.url
             {
-                if b == bucket && repo.endpoint == source.endpoint && nested(p, prefix) {
+                if b == bucket
+                    && store(&repo.endpoint) == store(&source.endpoint)
+                    && nested(p, prefix)
+                {
                     return Err(format!(
                         "directory `{name}`: source {} overlaps {owner} ({}): each backup would contain the backups before it; point source at the uploads' own prefix",
                         source.url, repo.url
@@ -1241,6 +1249,9 @@ rto = "1h"
         // Another prefix of the repository's bucket is fine (or on another endpoint).
         with("[directories.source]\nurl = \"s3://dr-backups/uploads\"\nendpoint = \"http://127.0.0.1:3900\"").unwrap();
         with("source = \"s3://dr-backups\"").unwrap();
+        // The same store written another way is the same store.
+        let err = with("[directories.source]\nurl = \"s3://dr-backups/acme\"\nendpoint = \"HTTP://127.0.0.1:3900/\"").unwrap_err();
+        assert!(err.to_string().contains("overlaps [storage]"), "{err}");
     }
 
     #[test]

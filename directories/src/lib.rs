@@ -8,6 +8,9 @@
 //! mtime differ after the read, or it ends early) is stored as read, counted and named in the
 //! manifest; an unreadable file fails the backup unless `skip_unreadable`.
 //!
+//! The tree may instead be an S3 prefix (`source`): its objects are regular files of the same
+//! tar, listed a page at a time and fetched a few ahead, in key order.
+//!
 //! Stock tools restore it: `age -d -i key data.tar.zst.age | zstd -d | tar -x`.
 
 use std::fs;
@@ -51,6 +54,8 @@ pub enum DirError {
     },
     #[error("directory `{name}`: the root {path} is not a directory")]
     NotADirectory { name: String, path: String },
+    #[error("directory `{name}`: {source}")]
+    Source { name: String, source: StorageError },
     #[error(transparent)]
     Pipeline(#[from] PipelineError),
     #[error(transparent)]
@@ -288,6 +293,30 @@ impl<D: Write, L: Write> TreeWriter<D, L> {
         Ok(())
     }
 
+    fn symlink(
+        &mut self,
+        rel: &Path,
+        header: &mut tar::Header,
+        target: &Path,
+        mtime: i64,
+        mode: u32,
+    ) -> Result<(), DirError> {
+        header.set_entry_type(tar::EntryType::Symlink);
+        header.set_size(0);
+        self.tar.append_link(header, rel, target).map_err(tar_err)?;
+        self.line(&Entry {
+            path: rel.display().to_string(),
+            kind: "symlink".into(),
+            size: None,
+            mtime,
+            mode,
+            sha256: None,
+            target: Some(target.display().to_string()),
+        })?;
+        self.summary.symlinks += 1;
+        Ok(())
+    }
+
     /// Appends `size` bytes of `reader` (padded if it ends early); the caller checks for
     /// a change and then calls [`TreeWriter::listed`].
     fn append<R: Read>(
@@ -420,21 +449,7 @@ fn produce(
                 subdirs.push(rel_path);
             } else if kind.is_symlink() {
                 let target = fs::read_link(&path).map_err(|e| io_err(&path, e))?;
-                header.set_entry_type(tar::EntryType::Symlink);
-                header.set_size(0);
-                w.tar
-                    .append_link(&mut header, &rel_path, &target)
-                    .map_err(tar_err)?;
-                w.line(&Entry {
-                    path: shown,
-                    kind: "symlink".into(),
-                    size: None,
-                    mtime: mtime(&meta),
-                    mode,
-                    sha256: None,
-                    target: Some(target.display().to_string()),
-                })?;
-                w.summary.symlinks += 1;
+                w.symlink(&rel_path, &mut header, &target, mtime(&meta), mode)?;
             } else if kind.is_file() {
                 let file = match fs::File::open(&path) {
                     Ok(f) => f,
@@ -468,11 +483,14 @@ fn produce(
 }
 
 /// Objects of an S3 source at most this large are fetched whole, several at a time; larger
-/// ones stream when their turn comes. Bounds the read-ahead to `AHEAD × WHOLE`.
+/// ones stream when their turn comes. The read-ahead is at most `2 × AHEAD × WHOLE` (the
+/// fetches in flight and the channel to the tar writer).
 const WHOLE: u64 = 256 * 1024;
 const AHEAD: usize = 16;
 /// Keys per listing request: the listing is never held whole.
 const PAGE: usize = 1000;
+/// The longest file name Linux takes (NAME_MAX): a longer key component cannot be restored.
+const NAME_MAX: usize = 255;
 
 /// One object of an S3 source, as the tar writer takes it.
 struct Fetched {
@@ -481,7 +499,10 @@ struct Fetched {
 }
 
 enum Body {
-    Whole(Bytes),
+    /// A folder marker (a key ending in `/`): a directory.
+    Folder,
+    /// A small object, read ahead (at most `WHOLE + 1` bytes, whatever it has grown to).
+    Whole(Vec<u8>),
     /// Opened by the writer when its turn comes.
     Stream,
     /// Deleted since it was listed: nothing to store.
@@ -489,8 +510,34 @@ enum Body {
     Failed(StorageError),
 }
 
+/// The listing ended: without it, a closed channel means the fetcher died, not the end.
+enum Listed {
+    Object(Fetched),
+    End,
+}
+
+/// Reads at most `WHOLE + 1` bytes of `key`: enough to store it or to see that it grew.
+async fn read_small(source: &dyn Storage, key: &str) -> Body {
+    use tokio::io::AsyncReadExt;
+    let mut reader = match source.open_read(key).await {
+        Ok(r) => r.take(WHOLE + 1),
+        Err(e) if e.is_not_found() => return Body::Gone,
+        Err(e) => return Body::Failed(e),
+    };
+    let mut bytes = Vec::new();
+    match reader.read_to_end(&mut bytes).await {
+        Ok(_) => Body::Whole(bytes),
+        Err(e) => Body::Failed(StorageError::Failed {
+            op: "get",
+            key: key.to_string(),
+            location: source.location(),
+            message: e.to_string(),
+        }),
+    }
+}
+
 /// Lists `source` page by page and fetches the small objects ahead, in key order.
-async fn fetch_objects(source: Arc<dyn Storage>, tx: mpsc::Sender<Result<Fetched, StorageError>>) {
+async fn fetch_objects(source: Arc<dyn Storage>, tx: mpsc::Sender<Result<Listed, StorageError>>) {
     use futures_util::StreamExt;
     let mut after: Option<String> = None;
     loop {
@@ -501,27 +548,45 @@ async fn fetch_objects(source: Arc<dyn Storage>, tx: mpsc::Sender<Result<Fetched
                 return;
             }
         };
-        let Some(last) = page.last() else { return };
+        // Everything below relies on sorted pages that move forward (StartAfter honoured):
+        // a store that repeats or shuffles them would loop or mix the tree up.
+        let mut previous = after.clone();
+        for info in &page {
+            if previous.as_deref().is_some_and(|p| info.key.as_str() <= p) {
+                let _ = tx
+                    .send(Err(StorageError::Unsupported {
+                        op: "list in key order",
+                        key: info.key.clone(),
+                        location: source.location(),
+                        message: "the store listed keys out of order or ignored StartAfter (S3 Express directory buckets do); a directory source needs an ordered listing".into(),
+                    }))
+                    .await;
+                return;
+            }
+            previous = Some(info.key.clone());
+        }
+        let Some(last) = page.last() else {
+            let _ = tx.send(Ok(Listed::End)).await;
+            return;
+        };
         after = Some(last.key.clone());
         let mut fetched = futures_util::stream::iter(page)
             .map(|info| {
                 let source = source.clone();
                 async move {
-                    let body = if info.size > WHOLE || info.key.ends_with('/') {
+                    let body = if info.key.ends_with('/') {
+                        Body::Folder
+                    } else if info.size > WHOLE {
                         Body::Stream
                     } else {
-                        match source.get(&info.key).await {
-                            Ok(bytes) => Body::Whole(bytes),
-                            Err(e) if e.is_not_found() => Body::Gone,
-                            Err(e) => Body::Failed(e),
-                        }
+                        read_small(source.as_ref(), &info.key).await
                     };
                     Fetched { info, body }
                 }
             })
             .buffered(AHEAD);
         while let Some(f) = fetched.next().await {
-            if tx.send(Ok(f)).await.is_err() {
+            if tx.send(Ok(Listed::Object(f))).await.is_err() {
                 return;
             }
         }
@@ -529,14 +594,14 @@ async fn fetch_objects(source: Arc<dyn Storage>, tx: mpsc::Sender<Result<Fetched
 }
 
 /// `key` as a relative path that unpacks inside the output: no empty, `.` or `..`
-/// component, no NUL (a trailing `/` marks a folder).
+/// component, none longer than a file name may be, no NUL (a trailing `/` marks a folder).
 fn safe_path(key: &str) -> Option<PathBuf> {
     let trimmed = key.strip_suffix('/').unwrap_or(key);
     let fine = !trimmed.is_empty()
         && !trimmed.contains('\0')
         && trimmed
             .split('/')
-            .all(|c| !c.is_empty() && c != "." && c != "..");
+            .all(|c| !c.is_empty() && c != "." && c != ".." && c.len() <= NAME_MAX);
     fine.then(|| PathBuf::from(trimmed))
 }
 
@@ -563,6 +628,11 @@ impl FileKeys {
         }
         false
     }
+
+    /// `key` was stored as a file.
+    fn stored(&mut self, key: &str) {
+        self.0.push(key.to_string());
+    }
 }
 
 /// Writes the objects `rx` yields as a tar (regular files, mode 0644, mtime = last
@@ -572,7 +642,7 @@ fn produce_objects(
     name: &str,
     source: &Arc<dyn Storage>,
     skip_unreadable: bool,
-    mut rx: mpsc::Receiver<Result<Fetched, StorageError>>,
+    mut rx: mpsc::Receiver<Result<Listed, StorageError>>,
     data: impl Write,
     listing: impl Write,
 ) -> Result<Summary, DirError> {
@@ -583,11 +653,38 @@ fn produce_objects(
         path: format!("{at}/{key}"),
         source,
     };
+    let from_source = |source: StorageError| DirError::Source {
+        name: name.to_string(),
+        source,
+    };
     let mut w = TreeWriter::new(data, listing);
     let mut files = FileKeys::default();
-    while let Some(fetched) = rx.blocking_recv() {
-        let Fetched { info, body } = fetched?;
+    // Returns whether the object was skipped (else the backup fails).
+    let failed = |w: &mut TreeWriter<_, _>, key: &str, e: StorageError| {
+        if !skip_unreadable {
+            return Err(from_source(e));
+        }
+        tracing::warn!(directory = %name, key, error = %e, "unreadable object skipped");
+        w.skip(key);
+        Ok(())
+    };
+    loop {
+        let Fetched { info, body } = match rx.blocking_recv() {
+            Some(Ok(Listed::Object(f))) => f,
+            Some(Ok(Listed::End)) => break,
+            Some(Err(e)) => return Err(from_source(e)),
+            None => {
+                return Err(DirError::Io {
+                    what: format!("directory `{name}`: reading {at}"),
+                    source: io::Error::other("the listing stopped before its end"),
+                })
+            }
+        };
         let key = info.key.as_str();
+        if key.is_empty() {
+            // The prefix's own folder marker (`uploads/`): the tree's root.
+            continue;
+        }
         let mtime = info.modified.map_or(0, |t| t.as_second());
         let Some(rel) = safe_path(key) else {
             tracing::warn!(directory = %name, key, "object key is not a path a tree can hold; skipped");
@@ -603,28 +700,19 @@ fn produce_objects(
         header.set_mtime(mtime.max(0) as u64);
         header.set_uid(0);
         header.set_gid(0);
-        if key.ends_with('/') {
-            header.set_entry_type(tar::EntryType::Directory);
-            header.set_mode(0o755);
-            header.set_size(0);
-            w.directory(&rel, &mut header, mtime, 0o755)?;
-            continue;
-        }
-        let failed = |w: &mut TreeWriter<_, _>, e: StorageError| {
-            if skip_unreadable {
-                tracing::warn!(directory = %name, key, error = %e, "unreadable object skipped");
-                w.skip(key);
-                Ok(())
-            } else {
-                Err(unreadable(key, io::Error::other(e.to_string())))
-            }
-        };
         header.set_entry_type(tar::EntryType::Regular);
         header.set_mode(0o644);
         let (sha256, changed) = match body {
             Body::Gone => continue,
             Body::Failed(e) => {
-                failed(&mut w, e)?;
+                failed(&mut w, key, e)?;
+                continue;
+            }
+            Body::Folder => {
+                header.set_entry_type(tar::EntryType::Directory);
+                header.set_mode(0o755);
+                header.set_size(0);
+                w.directory(&rel, &mut header, mtime, 0o755)?;
                 continue;
             }
             Body::Whole(bytes) => {
@@ -640,7 +728,7 @@ fn produce_objects(
                     Ok(r) => r,
                     Err(e) if e.is_not_found() => continue,
                     Err(e) => {
-                        failed(&mut w, e)?;
+                        failed(&mut w, key, e)?;
                         continue;
                     }
                 };
@@ -662,7 +750,7 @@ fn produce_objects(
             tracing::warn!(directory = %name, key, "object changed while it was read; stored as read");
         }
         w.listed(&rel, sha256, info.size, mtime, 0o644, changed)?;
-        files.0.push(key.to_string());
+        files.stored(key);
     }
     w.finish()
 }
@@ -744,7 +832,16 @@ pub async fn backup(
     );
     let summary = producer.await.expect("directory walk panicked");
     if let Some(fetcher) = fetcher {
-        fetcher.abort();
+        if summary.is_err() {
+            fetcher.abort();
+        } else if let Err(e) = fetcher.await {
+            // The walk saw the listing's end, so the fetcher has returned; a panic after
+            // it still fails the backup rather than commit it.
+            return Err(DirError::Io {
+                what: format!("directory `{name}`: listing its source"),
+                source: io::Error::other(e.to_string()),
+            });
+        }
     }
     let summary = summary?;
     let (data, listing): (Stored, Stored) = (data?, listing?);
@@ -1178,7 +1275,7 @@ mod tests {
             if files.below_a_file(key) {
                 below.push(key);
             } else if !key.ends_with('/') {
-                files.0.push(key.to_string());
+                files.stored(key);
             }
         }
         assert_eq!(below, ["doc-2/x", "doc/", "doc/page"]);

@@ -451,6 +451,8 @@ fn run_measured(dr: Dr, dir: &Path) -> (i32, String, i64) {
         }
         std::thread::sleep(std::time::Duration::from_millis(10));
     };
+    // Polled at least once while it ran (a 100,000-file walk takes seconds).
+    assert!(peak_kib > 0, "dr exited before its memory could be read");
     (
         status.code().unwrap_or(-1),
         fs::read_to_string(&out_path).unwrap(),
@@ -838,6 +840,13 @@ fn an_s3_prefix_is_backed_up_as_a_tree_and_restored() {
     let config = write_config(tmp.path(), &Storage::garage(&garage, "dirs"), &body);
     let dr = || Dr::new(&config).envs(garage.env());
 
+    let check = dr().args(["config", "check"]).run();
+    check.assert_success();
+    assert!(
+        check.stdout.contains("directory media (s3://") && check.stdout.contains("listed and read"),
+        "{}",
+        check.stdout
+    );
     let out = dr()
         .args(["backup", "--directory", "media", "--json"])
         .run();
@@ -885,4 +894,26 @@ fn an_s3_prefix_is_backed_up_as_a_tree_and_restored() {
     let drill = dr().args(["drill", "--directory", "media", "--json"]).run();
     drill.assert_success();
     assert_eq!(json(&drill)[0]["passed"], true, "{}", drill.stdout);
+
+    // A source that cannot be listed fails the backup, names the directory, commits nothing.
+    let gone = body.replace("name = \"media\"", "name = \"gone\"").replace(
+        &format!("s3://{bucket}/uploads"),
+        "s3://no-such-bucket/uploads",
+    );
+    let gone_config = write_config(tmp.path(), &Storage::garage(&garage, "dirs"), &gone);
+    Dr::new(&gone_config)
+        .envs(garage.env())
+        .args(["config", "check"])
+        .run()
+        .assert_failure_mentions(&["directory gone reads s3://no-such-bucket/uploads but cannot"]);
+    Dr::new(&gone_config)
+        .envs(garage.env())
+        .args(["backup", "--directory", "gone"])
+        .run()
+        .assert_failure_mentions(&["directory `gone`", "no-such-bucket"]);
+    let stored = s3.list(bucket, "dirs/test/gone/");
+    assert!(
+        !stored.iter().any(|k| k.ends_with("manifest.json")),
+        "{stored:?}"
+    );
 }

@@ -81,18 +81,26 @@ async fn source_problems(config: &Config) -> Vec<String> {
         let DirectorySource::S3(source) = dir.source() else {
             continue;
         };
-        let listed = match dr_core::storage::open(source).await {
-            Ok(s) => s.list_page("", None, 1).await,
-            Err(e) => Err(e),
+        // Lists a page and reads the first object in it (not a folder marker), as a backup.
+        let readable = async {
+            let store = dr_core::storage::open(source).await?;
+            let page = store.list_page("", None, 100).await?;
+            match page
+                .iter()
+                .find(|o| !o.key.is_empty() && !o.key.ends_with('/'))
+            {
+                Some(o) => store.open_read(&o.key).await.map(|_| true),
+                None => Ok(false),
+            }
         };
-        match listed {
-            Ok(keys) if keys.is_empty() => println!(
-                "directory {} ({}): readable, but holds no objects yet",
+        match readable.await {
+            Ok(true) => println!("directory {} ({}): listed and read", dir.name, source.url),
+            Ok(false) => println!(
+                "directory {} ({}): listed, but holds no objects yet",
                 dir.name, source.url
             ),
-            Ok(_) => println!("directory {} ({}): readable", dir.name, source.url),
             Err(e) => problems.push(format!(
-                "directory {} reads {} but cannot list it ({e}); the agent needs s3:ListBucket and s3:GetObject there",
+                "directory {} reads {} but cannot ({e}); the agent needs s3:ListBucket on the bucket and s3:GetObject on the prefix",
                 dir.name, source.url
             )),
         }
