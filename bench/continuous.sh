@@ -63,20 +63,6 @@ stop_agent() {
         kill -TERM "$agent_pid" 2>/dev/null || true
         wait "$agent_pid" 2>/dev/null || true
         agent_pid=""
-src_cpu=()
-dr_cpu=()
-if [ "$PIN" = 1 ]; then
-    src_cpu=(taskset -c 0)
-    dr_cpu=(taskset -c 1)
-fi
-
-# PIN=1: every server process on CPU 0; backends forked later inherit it from the postmaster.
-pin_server() {
-    [ "$PIN" = 1 ] || return 0
-    local pm
-    pm=$(head -n 1 "$tmp/pg/data/postmaster.pid")
-    for p in "$pm" $(pgrep -P "$pm"); do taskset -a -p -c 0 "$p" >/dev/null; done
-}
     fi
 }
 

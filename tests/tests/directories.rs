@@ -47,15 +47,20 @@ fn make_tree(root: &Path) {
     symlink("a/b/c/deep.bin", root.join("link")).unwrap();
     symlink("/nonexistent/target", root.join("dangling")).unwrap();
     // 5 MiB that does not compress: several pipeline parts.
-    let mut big = Vec::with_capacity(5 << 20);
+    fs::write(root.join("a/big.dat"), incompressible(5 << 20)).unwrap();
+}
+
+/// `len` bytes (a multiple of 8) of xorshift output: nothing for zstd to shrink.
+fn incompressible(len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len);
     let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-    while big.len() < 5 << 20 {
+    while out.len() < len {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
-        big.extend_from_slice(&x.to_le_bytes());
+        out.extend_from_slice(&x.to_le_bytes());
     }
-    fs::write(root.join("a/big.dat"), big).unwrap();
+    out
 }
 
 /// Every entry under `root`: kind, content digest or link target, mode, mtime.
@@ -794,14 +799,7 @@ fn an_s3_prefix_is_backed_up_as_a_tree_and_restored() {
     let garage = Garage::start();
     let s3 = garage.client();
     let bucket = garage.bucket();
-    let mut big = Vec::with_capacity(3 << 20);
-    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
-    while big.len() < 3 << 20 {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        big.extend_from_slice(&x.to_le_bytes());
-    }
+    let big = incompressible(3 << 20);
     let mut expected: BTreeMap<String, Vec<u8>> = BTreeMap::new();
     for (key, body) in [
         ("avatars/1.png", b"png one".to_vec()),

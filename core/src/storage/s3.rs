@@ -110,6 +110,15 @@ impl S3Storage {
         })
     }
 
+    /// How much of a listed key is the repository's prefix (and its `/`).
+    fn prefix_len(&self) -> usize {
+        if self.prefix.is_empty() {
+            0
+        } else {
+            self.prefix.len() + 1
+        }
+    }
+
     fn full_key(&self, key: &str) -> String {
         if self.prefix.is_empty() {
             key.to_string()
@@ -603,11 +612,7 @@ impl Storage for S3Storage {
 
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StorageError> {
         let full = self.full_key(prefix);
-        let strip = if self.prefix.is_empty() {
-            0
-        } else {
-            self.prefix.len() + 1
-        };
+        let strip = self.prefix_len();
         let mut out = Vec::new();
         let mut token: Option<String> = None;
         loop {
@@ -640,11 +645,7 @@ impl Storage for S3Storage {
         max: usize,
     ) -> Result<Vec<ObjectInfo>, StorageError> {
         let full = self.full_key(prefix);
-        let strip = if self.prefix.is_empty() {
-            0
-        } else {
-            self.prefix.len() + 1
-        };
+        let strip = self.prefix_len();
         let mut out: Vec<ObjectInfo> = Vec::new();
         // S3 lists in UTF-8 byte order, which is `str`'s order: StartAfter pages exactly.
         let mut after = after.map(|a| self.full_key(a));
@@ -750,11 +751,7 @@ impl Storage for S3Storage {
         &self,
         prefix: &str,
     ) -> Result<Vec<super::PendingUpload>, StorageError> {
-        let strip = if self.prefix.is_empty() {
-            0
-        } else {
-            self.prefix.len() + 1
-        };
+        let strip = self.prefix_len();
         let mut out = Vec::new();
         let mut key_marker: Option<String> = None;
         let mut id_marker: Option<String> = None;
