@@ -1300,6 +1300,158 @@ mod tests {
         }
     }
 
+    /// Runs `produce_objects` over `listed` (as the fetcher would send it) with `source`
+    /// for the streamed objects; the archive's entries (path, contents) and the summary.
+    async fn objects_as_produced(
+        source: Arc<dyn Storage>,
+        listed: Vec<Listed>,
+        skip_unreadable: bool,
+    ) -> Result<(Vec<(String, Vec<u8>)>, Summary), DirError> {
+        let (tx, rx) = mpsc::channel(listed.len() + 1);
+        for item in listed {
+            tx.send(Ok(item)).await.unwrap();
+        }
+        drop(tx);
+        let (data_tx, mut data_rx) = mpsc::channel(1024);
+        let (list_tx, _list_rx) = mpsc::channel(1024);
+        let summary = tokio::task::spawn_blocking(move || {
+            produce_objects(
+                "uploads",
+                &source,
+                skip_unreadable,
+                rx,
+                ChunkWriter::new(data_tx),
+                ChunkWriter::new(list_tx),
+            )
+        })
+        .await
+        .unwrap()?;
+        let mut tar = Vec::new();
+        while let Some(chunk) = data_rx.recv().await {
+            tar.extend_from_slice(&chunk.unwrap());
+        }
+        let mut archive = tar::Archive::new(&tar[..]);
+        let entries = archive
+            .entries()
+            .unwrap()
+            .map(|e| {
+                let mut e = e.unwrap();
+                let path = e.path().unwrap().display().to_string();
+                let mut body = Vec::new();
+                e.read_to_end(&mut body).unwrap();
+                (path, body)
+            })
+            .collect();
+        Ok((entries, summary))
+    }
+
+    fn object(key: &str, size: u64, body: Body) -> Listed {
+        let info = ObjectInfo {
+            key: key.into(),
+            size,
+            modified: None,
+        };
+        Listed::Object(Fetched { info, body })
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn objects_changed_or_deleted_after_the_listing_are_named_or_left_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let source: Arc<dyn Storage> =
+            Arc::new(dr_core::storage::file::FileStorage::new(dir.path().into()));
+        // Streamed objects: one grew after the listing, one shrank, one is as listed.
+        let big = WHOLE as usize + 4096;
+        source
+            .put("grown", vec![1u8; big + 10].into())
+            .await
+            .unwrap();
+        source
+            .put("shrunk", vec![2u8; big - 10].into())
+            .await
+            .unwrap();
+        source.put("steady", vec![3u8; big].into()).await.unwrap();
+        let listed = vec![
+            object("a", 3, Body::Whole(b"abc".to_vec())),
+            object("b-longer", 3, Body::Whole(b"abcd".to_vec())),
+            object("c-shorter", 3, Body::Whole(b"ab".to_vec())),
+            object("d-deleted", 3, Body::Gone),
+            object("e-deleted-streamed", big as u64, Body::Stream),
+            object("grown", big as u64, Body::Stream),
+            object("shrunk", big as u64, Body::Stream),
+            object("steady", big as u64, Body::Stream),
+            Listed::End,
+        ];
+        let (entries, summary) = objects_as_produced(source, listed, false).await.unwrap();
+        let names: Vec<&str> = entries.iter().map(|(p, _)| p.as_str()).collect();
+        // Deleted objects are left out; the rest are stored at their listed size.
+        assert_eq!(
+            names,
+            ["a", "b-longer", "c-shorter", "grown", "shrunk", "steady"]
+        );
+        assert_eq!(entries[1].1, b"abc");
+        assert_eq!(entries[2].1, b"ab\0");
+        assert_eq!(entries[3].1, vec![1u8; big]);
+        assert_eq!(entries[4].1.len(), big);
+        assert_eq!(entries[5].1, vec![3u8; big]);
+        assert_eq!(summary.files, 6);
+        assert_eq!(
+            summary.changed,
+            ["b-longer", "c-shorter", "grown", "shrunk"]
+        );
+        assert_eq!(summary.changed_files, 4);
+        assert_eq!(summary.skipped_files, 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unreadable_object_fails_the_backup_unless_skip_unreadable() {
+        let dir = tempfile::tempdir().unwrap();
+        let source: Arc<dyn Storage> =
+            Arc::new(dr_core::storage::file::FileStorage::new(dir.path().into()));
+        let denied = || StorageError::Failed {
+            op: "get",
+            key: "secret".into(),
+            location: "s3://bucket/uploads".into(),
+            message: "AccessDenied".into(),
+        };
+        let listed = || {
+            vec![
+                object("a", 1, Body::Whole(b"a".to_vec())),
+                object("secret", 1, Body::Failed(denied())),
+                object("z", 1, Body::Whole(b"z".to_vec())),
+                Listed::End,
+            ]
+        };
+        let err = objects_as_produced(source.clone(), listed(), false)
+            .await
+            .err()
+            .expect("an unreadable object fails the backup");
+        let shown = err.to_string();
+        assert!(
+            shown.contains("uploads") && shown.contains("AccessDenied"),
+            "{shown}"
+        );
+
+        let (entries, summary) = objects_as_produced(source, listed(), true).await.unwrap();
+        let names: Vec<&str> = entries.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(names, ["a", "z"]);
+        assert_eq!(summary.skipped, ["secret"]);
+        assert_eq!(summary.skipped_files, 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_listing_that_stops_before_its_end_fails_the_backup() {
+        let dir = tempfile::tempdir().unwrap();
+        let source: Arc<dyn Storage> =
+            Arc::new(dr_core::storage::file::FileStorage::new(dir.path().into()));
+        // The fetcher died: no end marker, the channel just closes.
+        let listed = vec![object("a", 1, Body::Whole(b"a".to_vec()))];
+        let err = objects_as_produced(source, listed, false).await.err();
+        assert!(
+            err.is_some_and(|e| e.to_string().contains("before its end")),
+            "a short listing must not commit a short tree"
+        );
+    }
+
     #[test]
     fn a_key_below_a_stored_file_is_found_in_listing_order() {
         let mut files = FileKeys::default();
