@@ -48,6 +48,9 @@ pub struct CopyReport {
     pub bytes: u64,
     /// Units the destination already held.
     pub present: usize,
+    /// Units not copied because the destination's own retention would delete them at once
+    /// (older than its `keep`): copying them would repeat on every pass.
+    pub beyond_keep: Vec<String>,
     /// Units that could not be copied, with why; the next pass tries them again.
     pub errors: Vec<String>,
     /// Per database, the newest moment the destination can restore: its newest backup's
@@ -55,12 +58,15 @@ pub struct CopyReport {
     pub newest: BTreeMap<String, Timestamp>,
 }
 
-/// Copies to `dst` every committed unit of `databases` that `src` holds and `dst` lacks.
+/// Copies to `dst` every committed unit of `databases` that `src` holds and `dst` lacks,
+/// except those in `beyond_keep` (unit directories the destination's retention would
+/// delete at once).
 pub async fn copy_missing(
     src: &Repository,
     dst: &Repository,
     repository: &str,
     databases: &[String],
+    beyond_keep: &BTreeSet<String>,
 ) -> Result<CopyReport, CopyError> {
     let mut report = CopyReport {
         repository: repository.to_string(),
@@ -85,6 +91,10 @@ pub async fn copy_missing(
             for dir in want.iter().filter(|d| unit_kind(d) == Some(kind)) {
                 if have.contains(dir) {
                     report.present += 1;
+                    continue;
+                }
+                if beyond_keep.contains(dir) {
+                    report.beyond_keep.push(dir.clone());
                     continue;
                 }
                 if failed_in_a_row >= FAILURES_IN_A_ROW {

@@ -1179,11 +1179,47 @@ pub async fn prune_with(
 ) -> Result<Vec<Decision>, StorageError> {
     let name = dir.name.as_str();
     let backups = list(repo, name).await?;
-    let newest_overall = backups.last().map(|m| m.id.clone());
+    let mut decisions = plan_with(dir, overrides, &backups, now);
+    for (d, m) in decisions.iter_mut().zip(&backups) {
+        if d.keep {
+            continue;
+        }
+        if let Some(until) = repo
+            .locked_until(name, &m.classes, m.started_at)
+            .filter(|u| *u > now)
+        {
+            d.keep = true;
+            d.reason = format!("expired, but locked until {until} (object lock)");
+        } else if !dry_run {
+            let unit = format!("{}/{name}/backups/{}", repo.environment(), m.id);
+            repo.storage().delete(&format!("{unit}/{MANIFEST}")).await?;
+            for o in repo.storage().list(&format!("{unit}/")).await? {
+                repo.storage().delete(&o.key).await?;
+            }
+        }
+    }
+    Ok(decisions)
+}
+
+/// The retention decision for each of `backups` (in their order), from their manifests
+/// alone: Object Lock is not considered.
+pub fn plan_with(
+    dir: &DirectoryConfig,
+    overrides: &std::collections::BTreeMap<String, dr_core::config::Duration>,
+    backups: &[DirManifest],
+    now: Timestamp,
+) -> Vec<Decision> {
+    let newest_overall = backups
+        .iter()
+        .max_by_key(|m| (m.started_at, &m.id))
+        .map(|m| &m.id);
     let mut newest_of = std::collections::BTreeMap::new();
-    for m in &backups {
+    for m in backups {
         for c in &m.classes {
-            newest_of.insert(c.clone(), m.id.clone());
+            let newest = newest_of.entry(c.clone()).or_insert(m);
+            if (m.started_at, &m.id) > (newest.started_at, &newest.id) {
+                *newest = m;
+            }
         }
     }
     let keep_of = |class: &str| {
@@ -1192,46 +1228,33 @@ pub async fn prune_with(
             .find(|s| s.class.as_str() == class)
             .map(|s| overrides.get(class).unwrap_or(&s.keep))
     };
-    let mut decisions = Vec::new();
-    for m in &backups {
-        let decide = |keep: bool, reason: String| Decision {
-            backup_id: m.id.clone(),
-            keep,
-            reason,
-        };
-        let d = if newest_overall.as_ref() == Some(&m.id)
-            || m.classes.iter().any(|c| newest_of.get(c) == Some(&m.id))
-        {
-            decide(true, "newest backup (of its class)".into())
-        } else if m.classes.is_empty() || m.classes.iter().any(|c| keep_of(c).is_none()) {
-            decide(true, "a class without a schedule, so no `keep`".into())
-        } else if let Some(c) = m
-            .classes
-            .iter()
-            .find(|c| m.started_at > keep_of(c).expect("checked").before(now))
-        {
-            decide(true, format!("within {c} keep"))
-        } else if let Some(until) = repo
-            .locked_until(name, &m.classes, m.started_at)
-            .filter(|u| *u > now)
-        {
-            decide(
-                true,
-                format!("expired, but locked until {until} (object lock)"),
-            )
-        } else {
-            decide(false, "older than every class's keep".into())
-        };
-        if !d.keep && !dry_run {
-            let unit = format!("{}/{name}/backups/{}", repo.environment(), m.id);
-            repo.storage().delete(&format!("{unit}/{MANIFEST}")).await?;
-            for o in repo.storage().list(&format!("{unit}/")).await? {
-                repo.storage().delete(&o.key).await?;
+    backups
+        .iter()
+        .map(|m| {
+            let decide = |keep: bool, reason: String| Decision {
+                backup_id: m.id.clone(),
+                keep,
+                reason,
+            };
+            if newest_overall == Some(&m.id)
+                || m.classes
+                    .iter()
+                    .any(|c| newest_of.get(c).map(|n| &n.id) == Some(&m.id))
+            {
+                decide(true, "newest backup (of its class)".into())
+            } else if m.classes.is_empty() || m.classes.iter().any(|c| keep_of(c).is_none()) {
+                decide(true, "a class without a schedule, so no `keep`".into())
+            } else if let Some(c) = m
+                .classes
+                .iter()
+                .find(|c| m.started_at > keep_of(c).expect("checked").before(now))
+            {
+                decide(true, format!("within {c} keep"))
+            } else {
+                decide(false, "older than every class's keep".into())
             }
-        }
-        decisions.push(d);
-    }
-    Ok(decisions)
+        })
+        .collect()
 }
 
 /// Objects of directory backups that never got a manifest (a failed or killed backup or

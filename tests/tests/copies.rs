@@ -522,3 +522,57 @@ fn a_copy_gets_change_segments_and_keeps_its_own_retention() {
         agent.log()
     );
 }
+
+#[test]
+fn a_copy_is_not_sent_backups_its_own_keep_would_delete() {
+    let base = BedBase::file("dr-copies-");
+    create_seeded(&base.cluster, DB);
+    let cold = Storage::File(base.dir().join("cold"));
+    // The primary keeps `daily` 30 days; the copy keeps it one second, so of two backups
+    // the older is beyond the copy's keep at once.
+    let body = encryption_toml(&[&base.keys.recipient], Some(&base.keys.identity))
+        + &database_toml(DB, &base.cluster.url(DB), None)
+        + &copy_toml("cold", &cold)
+        + "  [copies.keep]\n  daily = \"1s\"\n";
+    let config = write_config(base.dir(), &base.storage, &body);
+    let dr = || Dr::new(&config).env("PGPASSWORD", base.cluster.password());
+    let backup = || {
+        dr().args(["backup", "--database", DB, "--class", "daily"])
+            .run()
+            .assert_one_backup_id()
+    };
+    let first = backup();
+    std::thread::sleep(Duration::from_millis(1100));
+    let second = backup();
+    std::thread::sleep(Duration::from_millis(1100));
+
+    // Copied, the older one would be pruned from the copy and copied again on every pass.
+    let out = dr().args(["copy", "--to", "cold", "--json"]).run();
+    out.assert_success();
+    let report = &json(&out)[0];
+    let unit = |id: &str| format!("test/{DB}/backups/{id}");
+    assert_eq!(
+        report["copied"],
+        serde_json::json!([unit(&second)]),
+        "{report:#}"
+    );
+    assert_eq!(
+        report["beyond_keep"],
+        serde_json::json!([unit(&first)]),
+        "{report:#}"
+    );
+    assert_eq!(listed(dr(), "cold"), vec![second.clone()]);
+    // Nothing is left to copy next time, and the primary keeps both.
+    let again = json(&dr().args(["copy", "--to", "cold", "--json"]).run());
+    assert_eq!(again[0]["copied"], serde_json::json!([]), "{again:#}");
+    assert_eq!(again[0]["present"], 1, "{again:#}");
+    assert_eq!(listed(dr(), "primary"), vec![first, second]);
+    // The human report says what was left out.
+    let text = dr().args(["copy", "--to", "cold"]).run();
+    text.assert_success();
+    assert!(
+        text.stdout.contains("1 older than its keep (not copied)"),
+        "{}",
+        text.stdout
+    );
+}

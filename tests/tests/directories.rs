@@ -680,7 +680,28 @@ fn dr_prune_applies_each_repositorys_keep_to_directory_backups() {
             .run()
             .assert_success();
     };
+    // Backups the copy's keep would delete at once are not sent to it: sent, they would be
+    // pruned and sent again on every pass.
+    let out = Dr::new(&bed.config)
+        .args(["copy", "--to", "cold", "--json"])
+        .run();
+    out.assert_success();
+    let unit = |id: &str| format!("test/uploads/backups/{id}");
+    let report = &json(&out)[0];
+    assert_eq!(
+        report["copied"],
+        serde_json::json!([unit(&ids[2])]),
+        "{report:#}"
+    );
+    assert_eq!(
+        report["beyond_keep"],
+        serde_json::json!([unit(&ids[0]), unit(&ids[1])]),
+        "{report:#}"
+    );
+    // With the primary's keep the copy takes all three; then it keeps one second again.
+    configure("30d", "30d");
     copy();
+    configure("30d", "1s");
     std::thread::sleep(std::time::Duration::from_secs(2));
     let committed = |root: &Path| -> Vec<String> {
         let mut ids: Vec<String> = fs::read_dir(root.join("test/uploads/backups"))

@@ -7,6 +7,9 @@ use std::process::ExitCode;
 /// holds and a copy lacks, byte for byte (no key needed), manifest last, checking each
 /// object's size and sha256 against the primary's manifest.
 ///
+/// Backups the copy's own `[copies.keep]` would delete at once are left out (counted as
+/// older than its keep), or every pass would copy them and prune them again.
+///
 /// The agent does this by itself after each backup and every `interval_seconds`; run it by
 /// hand after an outage of a copy, or to fill a new one. Exits 1 if anything could not be
 /// copied (it is tried again next time; nothing copied is lost).
@@ -88,7 +91,17 @@ impl Args {
             let name = copy.name.as_str();
             let result = async {
                 let dst = super::open_repository(&config, Some(name)).await?;
-                Ok::<_, anyhow::Error>(dr_copies::copy_missing(&src, &dst, name, &databases).await?)
+                let beyond = crate::daemon::copies::beyond_keep(
+                    &config,
+                    copy,
+                    &src,
+                    &databases,
+                    jiff::Timestamp::now(),
+                )
+                .await;
+                Ok::<_, anyhow::Error>(
+                    dr_copies::copy_missing(&src, &dst, name, &databases, &beyond).await?,
+                )
             }
             .await;
             match result {
@@ -99,10 +112,11 @@ impl Args {
                             println!("copied  {unit}  -> {name}");
                         }
                         println!(
-                            "{name}: {} copied ({}), {} already there, {} failed",
+                            "{name}: {} copied ({}), {} already there, {} older than its keep (not copied), {} failed",
                             r.copied.len(),
                             indicatif::HumanBytes(r.bytes),
                             r.present,
+                            r.beyond_keep.len(),
                             r.errors.len()
                         );
                         for e in &r.errors {

@@ -6,10 +6,11 @@
 //! (`dr_copy_failures_total`), and show as that repository's RPO, which alerts like the
 //! primary's when it passes the database's objective.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
+use dr_core::config::{Config, CopyConfig};
 use dr_core::repo::Repository;
 use jiff::Timestamp;
 use tokio_util::sync::CancellationToken;
@@ -71,6 +72,56 @@ pub async fn copy_loop(shared: Arc<Shared>, index: usize, stop: CancellationToke
     }
 }
 
+/// The primary's backups of `names` that `copy`'s retention would delete from the copy at
+/// once (older than its `keep` and not the newest of a class), decided as the copy's prune
+/// decides, on the primary's manifests. A pass leaves them out: copied, they would be
+/// pruned and copied again on every pass. A primary that cannot be listed leaves out none.
+pub async fn beyond_keep(
+    config: &Config,
+    copy: &CopyConfig,
+    src: &Repository,
+    names: &[String],
+    now: Timestamp,
+) -> BTreeSet<String> {
+    let env = src.environment();
+    let mut out = BTreeSet::new();
+    for name in names {
+        let expired: Vec<String> = if let Some(db) = config.database(name) {
+            match src.list(Some(name)).await {
+                Ok(listing) => dr_core::retention::plan_with(db, &copy.keep, &listing.backups, now)
+                    .into_iter()
+                    .filter(|d| !d.keep)
+                    .map(|d| d.backup_id)
+                    .collect(),
+                Err(e) => {
+                    tracing::warn!(repository = %copy.name, database = %name, error = %e, "cannot list the primary's backups to apply the copy's keep; copying every missing one");
+                    Vec::new()
+                }
+            }
+        } else if let Some(dir) = dr_directories::configured(config, name) {
+            match dr_directories::list(src, name).await {
+                Ok(backups) => dr_directories::plan_with(dir, &copy.keep, &backups, now)
+                    .into_iter()
+                    .filter(|d| !d.keep)
+                    .map(|d| d.backup_id)
+                    .collect(),
+                Err(e) => {
+                    tracing::warn!(repository = %copy.name, directory = %name, error = %e, "cannot list the primary's backups to apply the copy's keep; copying every missing one");
+                    Vec::new()
+                }
+            }
+        } else {
+            Vec::new()
+        };
+        out.extend(
+            expired
+                .into_iter()
+                .map(|id| format!("{env}/{name}/backups/{id}")),
+        );
+    }
+    out
+}
+
 async fn pass(
     shared: &Shared,
     index: usize,
@@ -81,8 +132,19 @@ async fn pass(
     let copy = &shared.config.copies[index];
     let name = copy.name.as_str();
     let env = shared.environment();
+    let copied = async {
+        let beyond = beyond_keep(
+            &shared.config,
+            copy,
+            &shared.repo,
+            databases,
+            Timestamp::now(),
+        )
+        .await;
+        dr_copies::copy_missing(&shared.repo, dst, name, databases, &beyond).await
+    };
     let report = tokio::select! {
-        r = dr_copies::copy_missing(&shared.repo, dst, name, databases) => r,
+        r = copied => r,
         _ = shared.abort.cancelled() => return,
     };
     let report = match report {
