@@ -1368,6 +1368,17 @@ mod tests {
         Ok((entries, summary))
     }
 
+    /// A store to stream objects from, empty (the temporary directory lives as long as it).
+    fn empty_source() -> (tempfile::TempDir, Arc<dyn Storage>) {
+        let dir = tempfile::tempdir().unwrap();
+        let source = Arc::new(dr_core::storage::file::FileStorage::new(dir.path().into()));
+        (dir, source)
+    }
+
+    fn names(entries: &[(String, Vec<u8>)]) -> Vec<&str> {
+        entries.iter().map(|(p, _)| p.as_str()).collect()
+    }
+
     fn object(key: &str, size: u64, body: Body) -> Listed {
         let info = ObjectInfo {
             key: key.into(),
@@ -1379,9 +1390,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn objects_changed_or_deleted_after_the_listing_are_named_or_left_out() {
-        let dir = tempfile::tempdir().unwrap();
-        let source: Arc<dyn Storage> =
-            Arc::new(dr_core::storage::file::FileStorage::new(dir.path().into()));
+        let (_dir, source) = empty_source();
         // Streamed objects: one grew after the listing, one shrank, one is as listed.
         let big = WHOLE as usize + 4096;
         source
@@ -1405,10 +1414,9 @@ mod tests {
             Listed::End,
         ];
         let (entries, summary) = objects_as_produced(source, listed, false).await.unwrap();
-        let names: Vec<&str> = entries.iter().map(|(p, _)| p.as_str()).collect();
         // Deleted objects are left out; the rest are stored at their listed size.
         assert_eq!(
-            names,
+            names(&entries),
             ["a", "b-longer", "c-shorter", "grown", "shrunk", "steady"]
         );
         assert_eq!(entries[1].1, b"abc");
@@ -1427,9 +1435,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_unreadable_object_fails_the_backup_unless_skip_unreadable() {
-        let dir = tempfile::tempdir().unwrap();
-        let source: Arc<dyn Storage> =
-            Arc::new(dr_core::storage::file::FileStorage::new(dir.path().into()));
+        let (_dir, source) = empty_source();
         let denied = || StorageError::Failed {
             op: "get",
             key: "secret".into(),
@@ -1455,17 +1461,14 @@ mod tests {
         );
 
         let (entries, summary) = objects_as_produced(source, listed(), true).await.unwrap();
-        let names: Vec<&str> = entries.iter().map(|(p, _)| p.as_str()).collect();
-        assert_eq!(names, ["a", "z"]);
+        assert_eq!(names(&entries), ["a", "z"]);
         assert_eq!(summary.skipped, ["secret"]);
         assert_eq!(summary.skipped_files, 1);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_listing_that_stops_before_its_end_fails_the_backup() {
-        let dir = tempfile::tempdir().unwrap();
-        let source: Arc<dyn Storage> =
-            Arc::new(dr_core::storage::file::FileStorage::new(dir.path().into()));
+        let (_dir, source) = empty_source();
         // The fetcher died: no end marker, the channel just closes.
         let listed = vec![object("a", 1, Body::Whole(b"a".to_vec()))];
         let err = objects_as_produced(source, listed, false).await.err();

@@ -86,38 +86,35 @@ pub async fn beyond_keep(
     let env = src.environment();
     let mut out = BTreeSet::new();
     for name in names {
-        let expired: Vec<String> = if let Some(db) = config.database(name) {
-            match src.list(Some(name)).await {
-                Ok(listing) => dr_core::retention::plan_with(db, &copy.keep, &listing.backups, now)
+        // (backup id, kept) for each of the primary's backups, by the copy's keep.
+        let decided = if let Some(db) = config.database(name) {
+            src.list(Some(name)).await.map(|listing| {
+                dr_core::retention::plan_with(db, &copy.keep, &listing.backups, now)
                     .into_iter()
-                    .filter(|d| !d.keep)
-                    .map(|d| d.backup_id)
-                    .collect(),
-                Err(e) => {
-                    tracing::warn!(repository = %copy.name, database = %name, error = %e, "cannot list the primary's backups to apply the copy's keep; copying every missing one");
-                    Vec::new()
-                }
-            }
+                    .map(|d| (d.backup_id, d.keep))
+                    .collect::<Vec<_>>()
+            })
         } else if let Some(dir) = dr_directories::configured(config, name) {
-            match dr_directories::list(src, name).await {
-                Ok(backups) => dr_directories::plan_with(dir, &copy.keep, &backups, now)
+            dr_directories::list(src, name).await.map(|backups| {
+                dr_directories::plan_with(dir, &copy.keep, &backups, now)
                     .into_iter()
-                    .filter(|d| !d.keep)
-                    .map(|d| d.backup_id)
-                    .collect(),
-                Err(e) => {
-                    tracing::warn!(repository = %copy.name, directory = %name, error = %e, "cannot list the primary's backups to apply the copy's keep; copying every missing one");
-                    Vec::new()
-                }
-            }
+                    .map(|d| (d.backup_id, d.keep))
+                    .collect()
+            })
         } else {
-            Vec::new()
+            Ok(Vec::new())
         };
-        out.extend(
-            expired
-                .into_iter()
-                .map(|id| format!("{env}/{name}/backups/{id}")),
-        );
+        match decided {
+            Ok(decided) => out.extend(
+                decided
+                    .into_iter()
+                    .filter(|(_, kept)| !kept)
+                    .map(|(id, _)| format!("{env}/{name}/backups/{id}")),
+            ),
+            Err(e) => {
+                tracing::warn!(repository = %copy.name, name = %name, error = %e, "cannot list the primary's backups to apply the copy's keep; copying every missing one")
+            }
+        }
     }
     out
 }
